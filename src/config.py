@@ -1,0 +1,139 @@
+"""The typed schema of conf/*.yaml and the one-line errors every entry point reports.
+
+Hydra checks keys and types against these dataclasses while it composes the config;
+`__post_init__` checks ranges when `OmegaConf.to_object` builds them, before any work starts.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+DATASETS = ("mnist", "fashion_mnist")
+OPTIMIZERS = ("rmsprop", "adam", "sgd")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+
+
+class UserError(Exception):
+    """Bad input: reported as one line and a non-zero exit, never as a traceback."""
+
+
+def _check(ok: bool, key: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise UserError(f"{key}={value!r} is not valid: {valid}")
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist"
+    data_dir: str = "data"
+    batch_size: int = 128
+    val_size: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.name in DATASETS, "data.name", self.name, f"expected one of {', '.join(DATASETS)}")
+        _check(self.batch_size > 0, "data.batch_size", self.batch_size, "expected a positive integer")
+        _check(self.val_size >= 0, "data.val_size", self.val_size, "expected 0 (no validation split) or more")
+
+
+@dataclass
+class ModelConfig:
+    hidden: int = 512
+
+    def __post_init__(self) -> None:
+        _check(self.hidden > 0, "model.hidden", self.hidden, "expected a positive integer")
+
+
+@dataclass
+class OptimizerConfig:
+    """Keras names and defaults; each optimizer reads the fields it has."""
+
+    name: str = "rmsprop"
+    lr: float = 1e-3
+    rho: float = 0.9  # rmsprop's decay of the squared-gradient average (torch calls it alpha)
+    eps: float = 1e-7
+    momentum: float = 0.0  # sgd
+    beta1: float = 0.9  # adam
+    beta2: float = 0.999  # adam
+
+    def __post_init__(self) -> None:
+        _check(self.name in OPTIMIZERS, "optimizer.name", self.name, f"expected one of {', '.join(OPTIMIZERS)}")
+        _check(self.lr > 0, "optimizer.lr", self.lr, "expected a number > 0")
+        _check(0 <= self.rho < 1, "optimizer.rho", self.rho, "expected 0 <= rho < 1")
+        _check(self.eps > 0, "optimizer.eps", self.eps, "expected a number > 0")
+        _check(0 <= self.momentum < 1, "optimizer.momentum", self.momentum, "expected 0 <= momentum < 1")
+        _check(0 <= self.beta1 < 1, "optimizer.beta1", self.beta1, "expected 0 <= beta1 < 1")
+        _check(0 <= self.beta2 < 1, "optimizer.beta2", self.beta2, "expected 0 <= beta2 < 1")
+
+
+@dataclass
+class TrainerConfig:
+    """The lightning.Trainer arguments a run may set; passed to it as keyword arguments."""
+
+    accelerator: str = "auto"
+    devices: Any = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    max_epochs: int = 5
+    precision: Optional[str] = None
+    limit_train_batches: Any = None  # an int counts batches, a float is a fraction
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    fast_dev_run: bool = False
+    deterministic: Optional[bool] = None
+    enable_progress_bar: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.accelerator in ACCELERATORS, "trainer.accelerator", self.accelerator,
+               f"expected one of {', '.join(ACCELERATORS)}")
+        _check(self.max_epochs >= 0, "trainer.max_epochs", self.max_epochs, "expected 0 or more")
+        _check(self.num_nodes >= 1, "trainer.num_nodes", self.num_nodes, "expected 1 or more")
+        devices_ok = self.devices == "auto" or (isinstance(self.devices, int) and self.devices >= 1) or (
+            isinstance(self.devices, list) and all(isinstance(d, int) and d >= 0 for d in self.devices))
+        _check(devices_ok, "trainer.devices", self.devices, "expected a count >= 1, a list of device ids, or 'auto'")
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 42
+    ckpt_path: Optional[str] = None  # resume training from this checkpoint
+    optimized_metric: Optional[str] = None  # what main returns to a sweep; None: val/acc with a val split, else test/acc
+
+    def __post_init__(self) -> None:
+        metrics = ("val/acc", "val/loss", "test/acc", "test/loss", "train/acc", "train/loss")
+        _check(self.optimized_metric in (None, *metrics), "optimized_metric", self.optimized_metric,
+               f"expected one of {', '.join(metrics)}")
+
+
+ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def exit_on_user_error(task):
+    """Wrap a Hydra task: a UserError becomes one line on stderr and exit status 1.
+
+    In a multirun the error is re-raised instead, so that Hydra records the job as failed
+    and the sweep goes on with the next job.
+    """
+
+    @functools.wraps(task)
+    def wrapper(*args, **kwargs):
+        try:
+            return task(*args, **kwargs)
+        except UserError as error:
+            from hydra.core.hydra_config import HydraConfig
+            from hydra.types import RunMode
+
+            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+                raise
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(1)
+
+    return wrapper

@@ -1,0 +1,151 @@
+"""The LightningModule: Keras's Dense(512, relu) -> Dense(10, softmax), its loss, metrics and optimizer."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+from src.config import UserError
+
+
+class KerasRMSprop(torch.optim.Optimizer):
+    """RMSprop as Keras computes it: w -= lr * g / sqrt(v + eps), v = rho * v + (1 - rho) * g^2.
+
+    torch.optim.RMSprop adds eps outside the square root (sqrt(v) + eps); with Keras's eps of
+    1e-7 that is a different optimiser wherever v is small, so it is written out here.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, rho: float = 0.9, eps: float = 1e-7):
+        super().__init__(params, dict(lr=lr, rho=rho, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            velocities = [self.state[p].setdefault("velocity", torch.zeros_like(p)) for p in params]
+            torch._foreach_mul_(velocities, group["rho"])
+            torch._foreach_addcmul_(velocities, grads, grads, value=1 - group["rho"])
+            denominators = torch._foreach_add(velocities, group["eps"])
+            torch._foreach_sqrt_(denominators)
+            torch._foreach_addcdiv_(params, grads, denominators, value=-group["lr"])
+        return loss
+
+
+def keras_dense_init(layer: nn.Linear) -> nn.Linear:
+    """Keras Dense defaults: glorot-uniform kernel, zero bias (torch's Linear init differs)."""
+    nn.init.xavier_uniform_(layer.weight)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class MNISTClassifier(L.LightningModule):
+    """784 -> hidden (ReLU) -> 10. forward returns logits; predict_step returns probabilities.
+
+    Every argument is a plain number or string, so a checkpoint's hyperparameters load with
+    torch.load(weights_only=True) and rebuild the model without Hydra.
+    """
+
+    def __init__(self, hidden: int = 512, optimizer: str = "rmsprop", lr: float = 1e-3, rho: float = 0.9,
+                 eps: float = 1e-7, momentum: float = 0.0, beta1: float = 0.9, beta2: float = 0.999,
+                 input_size: int = 28 * 28, num_classes: int = 10):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(
+            keras_dense_init(nn.Linear(input_size, hidden)),
+            nn.ReLU(),
+            keras_dense_init(nn.Linear(hidden, num_classes)),
+        )
+        # Metrics accumulate on the device with no sync per step; they are computed locally
+        # (the progress bar reads them mid-epoch on one process) and averaged over processes
+        # when logged at epoch end.
+        metric = dict(sync_on_compute=False)
+        accuracy = dict(num_classes=num_classes, average="micro", validate_args=False, **metric)
+        for stage in ("train", "val", "test"):
+            setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="disable", **metric))
+            setattr(self, f"{stage}_acc", MulticlassAccuracy(**accuracy))
+        self.confusion = MulticlassConfusionMatrix(num_classes=num_classes, validate_args=False)
+        self.test_confusion: torch.Tensor | None = None  # (true, predicted) counts of the last test run
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _step(self, stage: str, batch) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        # Keras's categorical_crossentropy on softmax outputs, computed from logits for stability.
+        loss = F.cross_entropy(logits, y)
+        labels = y.argmax(dim=1)
+        getattr(self, f"{stage}_loss").update(loss.detach(), weight=len(x))
+        getattr(self, f"{stage}_acc").update(logits.detach(), labels)
+        if stage == "test":
+            self.confusion.update(logits.detach(), labels)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step("train", batch)
+
+    def validation_step(self, batch, batch_idx):
+        self._step("val", batch)
+
+    def test_step(self, batch, batch_idx):
+        self._step("test", batch)
+
+    def predict_step(self, batch, batch_idx=0):
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(x).softmax(dim=1)
+
+    def running_metrics(self, stage: str = "train") -> dict[str, float]:
+        """Means over the epoch so far, as Keras's progress bar shows them."""
+        if getattr(self, f"{stage}_loss").update_count == 0:
+            return {}
+        return {"loss": getattr(self, f"{stage}_loss").compute().item(), "acc": getattr(self, f"{stage}_acc").compute().item()}
+
+    def _log_epoch(self, stage: str) -> None:
+        self.log_dict({f"{stage}/loss": getattr(self, f"{stage}_loss").compute(), f"{stage}/acc": getattr(self, f"{stage}_acc").compute()},
+                      sync_dist=True)
+        getattr(self, f"{stage}_loss").reset()
+        getattr(self, f"{stage}_acc").reset()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        if self.val_loss.update_count:
+            self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
+        self.test_confusion = self.confusion.compute().cpu()
+        self.confusion.reset()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Every save passes here (epoch ends, Ctrl-C): a diverged model is never written.
+        if not all(torch.isfinite(p).all() for p in self.parameters()):
+            raise DivergedError(
+                f"training diverged at epoch {self.current_epoch}: the weights are no longer finite "
+                f"(optimizer.lr={self.hparams.lr} is likely too large); no checkpoint of them was written")
+
+    def configure_optimizers(self):
+        h = self.hparams
+        if h.optimizer == "rmsprop":
+            return KerasRMSprop(self.parameters(), lr=h.lr, rho=h.rho, eps=h.eps)
+        if h.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=h.lr, betas=(h.beta1, h.beta2), eps=h.eps)
+        if h.optimizer == "sgd":
+            return torch.optim.SGD(self.parameters(), lr=h.lr, momentum=h.momentum)
+        raise UserError(f"optimizer.name={h.optimizer!r} is not valid: expected one of rmsprop, adam, sgd")
+
+
+class DivergedError(UserError):
+    """The loss or the weights became NaN or infinite."""

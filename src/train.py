@@ -1,0 +1,80 @@
+"""Train, test and save the Keras MNIST model: `python -m src.train [key=value ...]`.
+
+Everything the run writes goes into its Hydra run folder: .hydra/ (the composed config),
+checkpoints/last.ckpt, metrics.csv, training_curves.png and confusion_matrix.png.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from src.config import TrainConfig, UserError, exit_on_user_error
+
+
+def train(cfg: DictConfig, run_dir: str | Path) -> float:
+    """Fit and test as configured; return the metric a sweep optimises."""
+    config: TrainConfig = OmegaConf.to_object(cfg)  # checks every value before anything starts
+    if config.ckpt_path is not None and not Path(config.ckpt_path).is_file():
+        raise UserError(f"ckpt_path={config.ckpt_path!r} is not valid: no such file")
+
+    # Imported after the checks above, so that bad input fails in a fraction of a second.
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    from src import plots
+    from src.callbacks import AtomicCheckpointIO, CheckpointOnInterrupt, KerasProgressBar
+    from src.data import DATASET_CLASSES, MNISTDataModule
+    from src.model import MNISTClassifier
+
+    run_dir = Path(run_dir)
+    L.seed_everything(config.seed, verbose=False)
+    has_val = config.data.val_size > 0
+    datamodule = MNISTDataModule(seed=config.seed, **dataclasses.asdict(config.data))
+    optimizer = dataclasses.asdict(config.optimizer)
+    model = MNISTClassifier(hidden=config.model.hidden, optimizer=optimizer.pop("name"), **optimizer)
+
+    checkpoint_dir = run_dir / "checkpoints"
+    checkpoint = ModelCheckpoint(
+        dirpath=checkpoint_dir, save_last=True, auto_insert_metric_name=False,
+        # With a validation split, also keep the best epoch by val/acc; else just last.ckpt.
+        monitor="val/acc" if has_val else None, mode="max", save_top_k=1 if has_val else 0,
+        filename="best-epoch{epoch:02d}-val_acc{val/acc:.4f}" if has_val else None,
+    )
+    trainer_args = {k: v for k, v in dataclasses.asdict(config.trainer).items() if v is not None}
+    trainer = L.Trainer(
+        **trainer_args,
+        default_root_dir=run_dir,
+        logger=CSVLogger(save_dir=run_dir, name="", version=""),
+        callbacks=[checkpoint, KerasProgressBar(), CheckpointOnInterrupt(checkpoint_dir)],
+        plugins=[AtomicCheckpointIO()],
+        limit_val_batches=trainer_args.get("limit_val_batches", 1.0) if has_val else 0,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(model, datamodule=datamodule, ckpt_path=config.ckpt_path, weights_only=True)
+    test = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+    if not trainer.is_global_zero:
+        return float("nan")
+
+    print(f"test_loss: {test['test/loss']:.4f} test_acc: {test['test/acc']:.4f}")
+    plots.training_curves(run_dir / "metrics.csv", run_dir / "training_curves.png")
+    plots.confusion_matrix(model.test_confusion, DATASET_CLASSES[config.data.name].classes,
+                           run_dir / "confusion_matrix.png")
+    metric = config.optimized_metric or ("val/acc" if has_val else "test/acc")
+    return float(trainer.callback_metrics[metric])
+
+
+@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
+@exit_on_user_error
+def main(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+
+    return train(cfg, HydraConfig.get().runtime.output_dir)
+
+
+if __name__ == "__main__":
+    main()
