@@ -7,8 +7,10 @@ Hydra checks keys and types against these dataclasses while it composes the conf
 from __future__ import annotations
 
 import functools
+import os
+import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -116,6 +118,77 @@ class TrainConfig:
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
+def validated(cfg):
+    """The composed config as its schema's dataclass, every value checked.
+
+    Hydra rejects unknown keys given as key=value, but accepts them as +key=value and
+    OmegaConf.to_object then drops them silently; a typo must not be ignored.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    def check_keys(node, prefix: str) -> None:
+        schema = OmegaConf.get_type(node)
+        if not is_dataclass(schema):
+            return
+        known = [f.name for f in fields(schema)]
+        for key in node.keys():
+            if key not in known:
+                raise UserError(f"{prefix}{key} is not a known key: valid keys{' of ' + prefix[:-1] if prefix else ''} "
+                                f"are {', '.join(known)}")
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                check_keys(child, f"{prefix}{key}.")
+
+    check_keys(cfg, "")
+    return OmegaConf.to_object(cfg)
+
+
+_ONE_LINE = "_MNIST_ONE_LINE_ERRORS"  # set while run_hydra made Hydra raise config errors
+
+
+def _one_line(error: BaseException) -> str:
+    """Hydra's and OmegaConf's multi-line messages, and their causes, as one line."""
+    lines: list[str] = []
+    while error is not None:
+        for line in str(error).splitlines():
+            line = line.strip()
+            noise = ("full_key:", "reference_type=", "object_type=", "Config search path", "provider=",
+                     "Set the environment", "To append")
+            if line and not line.startswith(noise) and line not in lines:
+                lines.append(line)
+        error = error.__cause__
+    text = "; ".join(lines)
+    unknown = re.search(r"Key '\w+' not in '(\w+)'", text)
+    schema = globals().get(unknown.group(1)) if unknown else None
+    if is_dataclass(schema):
+        text += f"; valid keys are {', '.join(f.name for f in fields(schema))}"
+    # "Available options in 'optimizer':; adam; rmsprop" -> "Available options in 'optimizer': adam, rmsprop"
+    return re.sub(r":; (.*)$", lambda m: ": " + m.group(1).replace("; ", ", "), text)
+
+
+def run_hydra(hydra_main) -> None:
+    """Run a @hydra.main function so that config errors print one line and exit 1.
+
+    Hydra prints a bad override, an unknown key, a wrong type or a missing group option over
+    several lines. With HYDRA_FULL_ERROR=1 it raises them instead, so they are caught here;
+    the task wrapper restores the user's setting once the config is composed.
+    """
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for full tracebacks
+        return hydra_main()
+    os.environ["HYDRA_FULL_ERROR"] = os.environ[_ONE_LINE] = "1"
+    try:
+        return hydra_main()
+    except (HydraException, OmegaConfBaseException) as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if os.environ.pop(_ONE_LINE, None):
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+
+
 def exit_on_user_error(task):
     """Wrap a Hydra task: a UserError becomes one line on stderr and exit status 1.
 
@@ -125,6 +198,8 @@ def exit_on_user_error(task):
 
     @functools.wraps(task)
     def wrapper(*args, **kwargs):
+        if os.environ.pop(_ONE_LINE, None):  # composed: bugs in the task keep Hydra's usual report
+            os.environ.pop("HYDRA_FULL_ERROR", None)
         try:
             return task(*args, **kwargs)
         except UserError as error:

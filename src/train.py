@@ -7,17 +7,19 @@ checkpoints/last.ckpt, metrics.csv, training_curves.png and confusion_matrix.png
 from __future__ import annotations
 
 import dataclasses
+import logging
+import warnings
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from src.config import TrainConfig, UserError, exit_on_user_error
+from src.config import TrainConfig, UserError, exit_on_user_error, run_hydra, validated
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> float:
     """Fit and test as configured; return the metric a sweep optimises."""
-    config: TrainConfig = OmegaConf.to_object(cfg)  # checks every value before anything starts
+    config: TrainConfig = validated(cfg)  # checks every key and value before anything starts
     if config.ckpt_path is not None and not Path(config.ckpt_path).is_file():
         raise UserError(f"ckpt_path={config.ckpt_path!r} is not valid: no such file")
 
@@ -31,6 +33,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     from src.data import DATASET_CLASSES, MNISTDataModule
     from src.model import MNISTClassifier
 
+    _quiet_lightning()
     run_dir = Path(run_dir)
     L.seed_everything(config.seed, verbose=False)
     has_val = config.data.val_size > 0
@@ -46,17 +49,20 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
         filename="best-epoch{epoch:02d}-val_acc{val/acc:.4f}" if has_val else None,
     )
     trainer_args = {k: v for k, v in dataclasses.asdict(config.trainer).items() if v is not None}
+    limit_val_batches = trainer_args.pop("limit_val_batches", 1.0) if has_val else 0
     trainer = L.Trainer(
         **trainer_args,
         default_root_dir=run_dir,
         logger=CSVLogger(save_dir=run_dir, name="", version=""),
         callbacks=[checkpoint, KerasProgressBar(), CheckpointOnInterrupt(checkpoint_dir)],
         plugins=[AtomicCheckpointIO()],
-        limit_val_batches=trainer_args.get("limit_val_batches", 1.0) if has_val else 0,
+        limit_val_batches=limit_val_batches,
         num_sanity_val_steps=0,
     )
     trainer.fit(model, datamodule=datamodule, ckpt_path=config.ckpt_path, weights_only=True)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # test() replaces them
     test = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+    metrics.update(test)
     if not trainer.is_global_zero:
         return float("nan")
 
@@ -65,7 +71,20 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     plots.confusion_matrix(model.test_confusion, DATASET_CLASSES[config.data.name].classes,
                            run_dir / "confusion_matrix.png")
     metric = config.optimized_metric or ("val/acc" if has_val else "test/acc")
-    return float(trainer.callback_metrics[metric])
+    return metrics[metric]
+
+
+def _quiet_lightning() -> None:
+    # Lightning adds its own console handler; under Hydra the root logger already prints (and
+    # writes train.log), so without this every Lightning message would appear twice.
+    logging.getLogger("lightning").handlers.clear()
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: not str(record.msg).startswith("💡 Tip"))  # advertising, not information
+    # The run folder already holds .hydra/ and train.log; the CSV logger only replaces its own metrics.csv.
+    warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+    # Metrics are logged once per epoch, never per step, so the logging interval does not matter.
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
@@ -77,4 +96,4 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    run_hydra(main)

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
+import src.config  # noqa: F401 - registers the config schema with Hydra
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 FASHION = Path("/usr/share/datasets/fashion-mnist")

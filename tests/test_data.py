@@ -1,0 +1,116 @@
+"""The data module does what Keras's preprocessing does, and batches as Keras's fit() does."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.config import UserError
+from src.data import IDX_FILES, DataError, MNISTDataModule, load_split, prepare_files, raw_folder
+from tests.conftest import make_digits, write_dataset
+
+
+def ready_module(data_dir: Path, **kwargs) -> MNISTDataModule:
+    dm = MNISTDataModule(data_dir=str(data_dir), **kwargs)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
+def test_shapes_dtypes_scaling_and_one_hot(tiny_data, capsys):
+    dm = ready_module(tiny_data)
+    x, y = dm.train_xy
+    assert x.shape == (600, 784) and x.dtype == torch.float32
+    assert y.shape == (600, 10) and y.dtype == torch.float32
+    images, labels = make_digits(600, seed=1)  # what conftest wrote
+    assert torch.equal(x, torch.from_numpy(images).reshape(600, 784).float() / 255)
+    assert x.min() >= 0 and x.max() == 1
+    assert torch.equal(y.sum(dim=1), torch.ones(600))
+    assert torch.equal(y.argmax(dim=1), torch.from_numpy(labels).long())
+    assert dm.test_xy[0].shape == (200, 784) and dm.val_xy is None
+
+
+def test_startup_line_reports_shapes(tiny_data, caplog):
+    with caplog.at_level("INFO"):
+        ready_module(tiny_data)
+    assert "train images (600, 784) float32, train labels (600, 10)" in caplog.text
+
+
+def test_batches_keep_the_last_partial_one(tiny_data):
+    dm = ready_module(tiny_data, batch_size=128)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == len(dm.train_dataloader()) == 5  # 600 = 4 * 128 + 88
+    assert [len(x) for x, _ in batches] == [128, 128, 128, 128, 88]
+    seen = torch.cat([x for x, _ in batches])
+    assert sorted(map(tuple, seen.tolist())) == sorted(map(tuple, dm.train_xy[0].tolist()))  # every image once
+
+
+def test_full_size_epoch_has_469_steps():
+    dm = MNISTDataModule(batch_size=128)
+    dm.train_xy = (torch.zeros(60000, 784), torch.zeros(60000, 10))
+    assert len(dm.train_dataloader()) == 469
+
+
+def first_batch_labels(dm: MNISTDataModule, epoch: int) -> torch.Tensor:
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(epoch)
+    return next(iter(loader))[1].argmax(dim=1)
+
+
+def test_reshuffles_every_epoch_and_repeats_for_the_same_seed(tiny_data):
+    a, b = ready_module(tiny_data, seed=7), ready_module(tiny_data, seed=7)
+    assert not torch.equal(first_batch_labels(a, 0), first_batch_labels(a, 1))
+    assert torch.equal(first_batch_labels(a, 1), first_batch_labels(b, 1))
+    other = ready_module(tiny_data, seed=8)
+    assert not torch.equal(first_batch_labels(a, 0), first_batch_labels(other, 0))
+
+
+def test_eval_batches_are_in_file_order(tiny_data):
+    dm = ready_module(tiny_data)
+    assert torch.equal(torch.cat([x for x, _ in dm.test_dataloader()]), dm.test_xy[0])
+
+
+def test_validation_split_is_seeded_and_disjoint(tiny_data):
+    dm = ready_module(tiny_data, val_size=100, seed=3)
+    (x, _), (xv, _) = dm.train_xy, dm.val_xy
+    assert len(x) == 500 and len(xv) == 100
+    train_rows = set(map(tuple, x.tolist()))
+    assert not any(tuple(r) in train_rows for r in xv.tolist())
+    assert torch.equal(ready_module(tiny_data, val_size=100, seed=3).val_xy[0], xv)
+
+
+def test_validation_split_must_leave_training_data(tiny_data):
+    with pytest.raises(UserError, match="data.val_size=600"):
+        ready_module(tiny_data, val_size=600)
+
+
+def test_ddp_shards_are_disjoint_and_equal_in_steps(tiny_data):
+    from src.data import EpochShuffle
+
+    shards = [EpochShuffle(601, seed=1, rank=r, world_size=2).indices() for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 301
+    assert set(torch.cat(shards).tolist()) == set(range(601))
+
+
+def test_local_copy_is_installed_in_torchvisions_layout(tiny_data):
+    raw = prepare_files("mnist", tiny_data)
+    assert raw == raw_folder("mnist", tiny_data) == tiny_data / "MNIST" / "raw"
+    assert all((raw / f).is_file() for f in IDX_FILES)
+    assert not [p for p in raw.iterdir() if p.name.startswith(".partial")]
+
+
+def test_plain_files_work_too(tmp_path):
+    folder = write_dataset(tmp_path / "plain", gz=False)
+    x, y = load_split("mnist", str(prepare_files("mnist", folder)), train=False)
+    assert x.shape == (200, 784)
+
+
+def test_no_files_and_no_network_names_folder_and_files(tmp_path):
+    with pytest.raises(DataError) as error:
+        prepare_files("mnist", tmp_path / "empty")
+    message = str(error.value)
+    assert str(tmp_path / "empty") in message and "\n" not in message
+    assert all(f in message for f in IDX_FILES)

@@ -1,0 +1,164 @@
+"""Training end to end: Keras parity of the update, the Hydra entry point, its outputs and errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from src.config import UserError
+from src.data import MNISTDataModule
+from src.model import MNISTClassifier
+from src.train import train
+from tests.conftest import FASHION, ROOT, compose_train
+
+LINE = re.compile(r"^test_loss: (\d+\.\d+) test_acc: (\d+\.\d+)$", re.M)
+
+
+def run_cli(*args: str, cwd, env_extra=None) -> subprocess.CompletedProcess:
+    # A proxy that refuses connections: a missing dataset can never be downloaded by a test.
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+           **(env_extra or {})}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-m", "src.train", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_init_matches_keras_dense():
+    model = MNISTClassifier()
+    first, last = model.net[0], model.net[2]
+    assert torch.count_nonzero(first.bias) == 0 and torch.count_nonzero(last.bias) == 0
+    limit = (6 / (784 + 512)) ** 0.5  # glorot-uniform bound
+    assert first.weight.abs().max() <= limit and first.weight.abs().max() > 0.95 * limit
+
+
+def test_steps_match_a_hand_written_loop_with_keras_rmsprop(tiny_data):
+    """N optimisation steps through Lightning give the weights of a plain loop with Keras's update."""
+    steps = 7
+    L.seed_everything(0)
+    dm = MNISTDataModule(data_dir=str(tiny_data), batch_size=32, seed=5)
+    dm.prepare_data()
+    dm.setup("fit")
+    model = MNISTClassifier(hidden=64)
+    start = {k: v.clone() for k, v in model.net.state_dict().items()}
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(0)
+    batches = list(loader)[:steps]
+
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0)
+    trainer.fit(model, datamodule=dm)
+
+    # The hand-written reference: Keras's RMSprop, w -= lr * g / sqrt(v + eps), v = rho v + (1 - rho) g^2.
+    w = {k: v.clone().requires_grad_() for k, v in start.items()}
+    velocity = {k: torch.zeros_like(v) for k, v in w.items()}
+    lr, rho, eps = 1e-3, 0.9, 1e-7
+    for x, y in batches:
+        hidden = torch.relu(x @ w["0.weight"].T + w["0.bias"])
+        loss = -(y * torch.log_softmax(hidden @ w["2.weight"].T + w["2.bias"], dim=1)).sum(dim=1).mean()
+        grads = torch.autograd.grad(loss, list(w.values()))
+        with torch.no_grad():
+            for (k, p), g in zip(w.items(), grads):
+                velocity[k] = rho * velocity[k] + (1 - rho) * g * g
+                p -= lr * g / torch.sqrt(velocity[k] + eps)
+
+    trained = model.net.state_dict()
+    for k in start:
+        assert not torch.equal(trained[k], start[k]), f"{k} did not move"
+        torch.testing.assert_close(trained[k], w[k].detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_train_through_hydra_writes_the_run_folder(tiny_data, tmp_path, capsys):
+    cfg = compose_train(f"data.data_dir={tiny_data}", "trainer.max_epochs=2", "trainer.accelerator=cpu",
+                        "data.batch_size=64")
+    metric = train(cfg, tmp_path / "run")
+    out = capsys.readouterr().out
+    loss, acc = map(float, LINE.search(out).groups())
+    assert metric == pytest.approx(acc, abs=1e-4)  # no validation split: test/acc is returned
+    assert acc > 0.9, "the bar pattern is easy to learn"
+    run = tmp_path / "run"
+    for name in ("checkpoints/last.ckpt", "metrics.csv", "training_curves.png", "confusion_matrix.png"):
+        assert (run / name).is_file(), name
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"epoch", "train/loss", "train/acc", "test/loss", "test/acc"} <= set(header)
+
+    checkpoint = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 2 * 10  # 600 images in batches of 64: 10 steps per epoch
+    assert checkpoint["hyper_parameters"]["hidden"] == 512
+    assert checkpoint["datamodule_hyper_parameters"]["data_dir"] == str(tiny_data)
+    restored = MNISTClassifier.load_from_checkpoint(run / "checkpoints/last.ckpt", weights_only=True)
+    assert restored.hparams.optimizer == "rmsprop"
+
+
+def test_validation_split_is_logged_and_returned(tiny_data, tmp_path, capsys):
+    cfg = compose_train(f"data.data_dir={tiny_data}", "trainer.max_epochs=1", "trainer.accelerator=cpu",
+                        "data.val_size=100", "model.hidden=32")
+    metric = train(cfg, tmp_path / "run")
+    rows = (tmp_path / "run" / "metrics.csv").read_text()
+    assert "val/acc" in rows.splitlines()[0]
+    val_acc = [float(r.split(",")[rows.splitlines()[0].split(",").index("val/acc")])
+               for r in rows.splitlines()[1:] if r.split(",")[rows.splitlines()[0].split(",").index("val/acc")]]
+    assert metric == pytest.approx(val_acc[-1])
+    assert list((tmp_path / "run" / "checkpoints").glob("best-*.ckpt"))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.batch_size=0", "data.batch_size=0"),
+    ("trainer.max_epochs=-1", "trainer.max_epochs=-1"),
+    ("optimizer.lr=-1", "optimizer.lr=-1.0"),
+    ("data.val_size=-5", "data.val_size=-5"),
+    ("trainer.devices=0", "trainer.devices=0"),
+])
+def test_bad_values_are_refused_before_anything_runs(tmp_path, override, key):
+    with pytest.raises(UserError, match=re.escape(key)):
+        train(compose_train(override, f"data.data_dir={tmp_path / 'never-created'}"), tmp_path / "run")
+    assert not (tmp_path / "never-created").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_command_line_run(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    result = run_cli(f"data.data_dir={tiny_data}", "trainer.max_epochs=1", "model.hidden=32",
+                     f"hydra.run.dir={run}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert LINE.search(result.stdout), result.stdout[-2000:]
+    assert "train images (600, 784) float32, train labels (600, 10)" in result.stdout + result.stderr
+    for name in (".hydra/config.yaml", "checkpoints/last.ckpt", "metrics.csv", "training_curves.png",
+                 "confusion_matrix.png"):
+        assert (run / name).is_file(), name
+    assert not (tmp_path / "lightning_logs").exists() and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, expected", [
+    (["data.data_dir=EMPTY"], r"mnist data not found in \S*empty.*train-images-idx3-ubyte.*t10k-labels-idx1-ubyte"),
+    (["data.batch_size=abc"], r"data\.batch_size=abc.*Integer"),
+    (["trainer.max_epochs=-1"], r"trainer\.max_epochs=-1 is not valid"),
+    (["data.bogus=1"], r"data\.bogus.*valid keys are name, data_dir, batch_size, val_size"),
+    (["optimizer=nope"], r"optimizer/nope.*adam, rmsprop, sgd"),
+    (["ckpt_path=missing.ckpt"], r"ckpt_path='missing.ckpt' is not valid: no such file"),
+])
+def test_bad_input_gets_one_line_and_no_traceback(tmp_path, args, expected):
+    args = [a.replace("EMPTY", str(tmp_path / "empty")) for a in args]
+    result = run_cli(*args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.search(expected, errors[0]), result.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist")
+def test_fashion_mnist_reaches_keras_accuracy(tmp_path, capsys):
+    """5 epochs with the defaults; Keras with the same model and settings reached 0.866-0.875."""
+    cfg = compose_train("data=fashion_mnist", f"data.data_dir={tmp_path / 'data'}", "trainer.accelerator=cpu")
+    acc = train(cfg, tmp_path / "run")
+    assert acc >= 0.86, acc
+    assert LINE.search(capsys.readouterr().out)
