@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 import sys
+import threading
 import tempfile
 from pathlib import Path
 
@@ -65,16 +67,50 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class CheckpointOnInterrupt(L.Callback):
-    """On Ctrl-C or SIGTERM, save the latest state as last.ckpt and say how to resume."""
+    """On Ctrl-C or SIGTERM, save the latest state as last.ckpt and say how to resume.
+
+    Python raises KeyboardInterrupt wherever it happens to be, possibly halfway through an
+    optimizer step; the first Ctrl-C therefore only asks to stop, and training stops before
+    the next batch, as Lightning does for SIGTERM. A second Ctrl-C stops at once, unsaved.
+    """
 
     def __init__(self, dirpath: str | Path):
         self.path = Path(dirpath) / "last.ckpt"
+        self.stop_requested = False
+        self._previous_handler = None
+
+    def _request_stop(self, signum, frame):
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        print("\nStopping after this step (Ctrl-C again to stop at once, without saving)...", file=sys.stderr, flush=True)
+
+    def on_fit_start(self, trainer, pl_module):
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGINT, self._request_stop)
+
+    def _stop_if_requested(self, *args):
+        if self.stop_requested:
+            raise KeyboardInterrupt
+
+    on_train_batch_start = on_validation_batch_start = _stop_if_requested
+
+    def _restore_handler(self):
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGINT, self._previous_handler)
+            self._previous_handler = None
+
+    def on_fit_end(self, trainer, pl_module):
+        self._restore_handler()
 
     def on_exception(self, trainer, pl_module, exception):
-        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or not trainer.training:
+        self._restore_handler()
+        clean_stop = (isinstance(exception, KeyboardInterrupt) and self.stop_requested) or isinstance(exception, SIGTERMException)
+        if not clean_stop or not trainer.training:
             return
         trainer.save_checkpoint(self.path)
         if trainer.is_global_zero:
-            resume = shlex.join([sys.executable, "-m", "src.train", *sys.argv[1:], f"ckpt_path={self.path}"])
-            print(f"\nInterrupted in epoch {trainer.current_epoch}; saved {self.path}\nResume with: {resume}",
-                  file=sys.stderr, flush=True)
+            resume = shlex.join(["python", "-m", "src.train",
+                                 *[a for a in sys.argv[1:] if not a.startswith("ckpt_path=")], f"ckpt_path={self.path}"])
+            print(f"\nInterrupted in epoch {trainer.current_epoch + 1} after {trainer.global_step} steps; saved {self.path}"
+                  f"\nResume with: {resume}", file=sys.stderr, flush=True)

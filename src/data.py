@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import torch
@@ -185,33 +186,26 @@ class TensorBatches:
 
     A DataLoader would call __getitem__ once per sample and collate 128 small tensors per
     step; slicing with one index tensor per batch costs one gather. The last partial batch
-    is kept (469 steps of 128 for 60000 images). The loader is stateful, so that a
-    checkpoint taken in the middle of an epoch resumes at the next unseen batch.
+    is kept (469 steps of 128 for 60000 images). `batches_done` tells how many batches of
+    the epoch were already trained on, so that a run resumed from a checkpoint written in
+    the middle of an epoch goes on with the next unseen batch.
     """
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, sampler: EpochShuffle):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, sampler: EpochShuffle,
+                 batches_done: Callable[[int], int] | None = None):
         self.x, self.y, self.batch_size, self.sampler = x, y, batch_size, sampler
         self.batch_sampler = None  # Lightning looks for a DataLoader's pair of samplers; set_epoch goes to `sampler`
-        self._served = 0  # batches of the current epoch handed out so far
-        self._resume_at = 0
+        self.batches_done = batches_done
 
     def __len__(self) -> int:
         return -(-len(self.sampler) // self.batch_size)
 
     def __iter__(self):
         order = self.sampler.indices().to(self.x.device)
-        start, self._resume_at = self._resume_at, 0
-        for self._served in range(start, len(self)):
-            index = order[self._served * self.batch_size : (self._served + 1) * self.batch_size]
+        start = self.batches_done(len(self)) if self.batches_done else 0
+        for i in range(start, len(self)):
+            index = order[i * self.batch_size : (i + 1) * self.batch_size]
             yield self.x[index], self.y[index]
-        self._served = len(self)
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.sampler.epoch, "served": self._served}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sampler.set_epoch(state["epoch"])
-        self._resume_at = state["served"] if state["served"] < len(self) else 0
 
 
 class MNISTDataModule(L.LightningDataModule):
@@ -252,7 +246,15 @@ class MNISTDataModule(L.LightningDataModule):
     def _batches(self, xy, shuffle: bool) -> TensorBatches:
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         sampler = EpochShuffle(len(xy[0]), self.hparams.seed if shuffle else None, rank, world, pad=shuffle)
-        return TensorBatches(*xy, batch_size=self.hparams.batch_size, sampler=sampler)
+        return TensorBatches(*xy, batch_size=self.hparams.batch_size, sampler=sampler,
+                             batches_done=self._batches_done_this_epoch if shuffle else None)
+
+    def _batches_done_this_epoch(self, steps_per_epoch: int) -> int:
+        """Optimizer steps already taken in the current epoch: 0 unless resuming mid-epoch (one step per batch)."""
+        if self.trainer is None:
+            return 0
+        done = self.trainer.global_step - self.trainer.current_epoch * steps_per_epoch
+        return done if 0 < done < steps_per_epoch else 0
 
     def train_dataloader(self) -> TensorBatches:
         return self._batches(self.train_xy, shuffle=True)

@@ -8,25 +8,27 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import warnings
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from src.config import TrainConfig, UserError, exit_on_user_error, run_hydra, validated
+from src.checkpoint import check_architecture, load_checkpoint
+from src.config import TrainConfig, exit_on_user_error, run_hydra, validated
 
 
 def train(cfg: DictConfig, run_dir: str | Path) -> float:
     """Fit and test as configured; return the metric a sweep optimises."""
     config: TrainConfig = validated(cfg)  # checks every key and value before anything starts
-    if config.ckpt_path is not None and not Path(config.ckpt_path).is_file():
-        raise UserError(f"ckpt_path={config.ckpt_path!r} is not valid: no such file")
+    resume_from = load_checkpoint(config.ckpt_path) if config.ckpt_path is not None else None
 
     # Imported after the checks above, so that bad input fails in a fraction of a second.
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from src import plots
     from src.callbacks import AtomicCheckpointIO, CheckpointOnInterrupt, KerasProgressBar
@@ -40,6 +42,8 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
     datamodule = MNISTDataModule(seed=config.seed, **dataclasses.asdict(config.data))
     optimizer = dataclasses.asdict(config.optimizer)
     model = MNISTClassifier(hidden=config.model.hidden, optimizer=optimizer.pop("name"), **optimizer)
+    if resume_from is not None:
+        check_architecture(resume_from, config.ckpt_path, model)
 
     checkpoint_dir = run_dir / "checkpoints"
     checkpoint = ModelCheckpoint(
@@ -59,7 +63,10 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
         limit_val_batches=limit_val_batches,
         num_sanity_val_steps=0,
     )
-    trainer.fit(model, datamodule=datamodule, ckpt_path=config.ckpt_path, weights_only=True)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=config.ckpt_path, weights_only=True)
+    except SIGTERMException:
+        sys.exit(1)  # CheckpointOnInterrupt saved the state and said how to resume, as for Ctrl-C
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # test() replaces them
     test = trainer.test(model, datamodule=datamodule, verbose=False)[0]
     metrics.update(test)
@@ -82,6 +89,8 @@ def _quiet_lightning() -> None:
         lambda record: not str(record.msg).startswith("💡 Tip"))  # advertising, not information
     # The run folder already holds .hydra/ and train.log; the CSV logger only replaces its own metrics.csv.
     warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+    # The training batches resume mid-epoch from the step count (src/data.py), without loader state.
+    warnings.filterwarnings("ignore", message=".*your dataloader is not resumable")
     # Metrics are logged once per epoch, never per step, so the logging interval does not matter.
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")

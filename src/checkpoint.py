@@ -1,0 +1,47 @@
+"""Reading checkpoints that may come from anywhere: tensors and plain values only, clear errors.
+
+Kept free of Lightning so that `python -m src.predict` starts quickly.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from src.config import UserError
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """torch.load with weights_only=True: a pickle that would build arbitrary objects (and so
+    could run code) is refused before any of it runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"ckpt_path={str(path)!r} is not valid: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        reason = str(error).splitlines()[0] if str(error) else "unsafe content"
+        raise UserError(f"ckpt_path={str(path)!r} was refused: it holds more than tensors and plain values "
+                        f"and is not loaded ({reason[:160]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
+        raise UserError(f"ckpt_path={str(path)!r} is not a checkpoint this program can read "
+                        f"({str(error).splitlines()[0][:160] if str(error) else type(error).__name__})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise UserError(f"ckpt_path={str(path)!r} is not a checkpoint of this program: "
+                        "expected a Lightning checkpoint written by python -m src.train")
+    return checkpoint
+
+
+def check_architecture(checkpoint: dict, path: str | Path, model: torch.nn.Module) -> None:
+    """A checkpoint of another shape gets one line naming the difference, not a shape-mismatch traceback."""
+    theirs = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if torch.is_tensor(v)}
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if theirs != ours:
+        hidden = checkpoint["hyper_parameters"].get("hidden")
+        raise UserError(f"ckpt_path={str(path)!r} holds a model of another architecture "
+                        f"(hidden={hidden}, weights {theirs.get('net.0.weight')}) than this run's "
+                        f"(hidden={getattr(model, 'hparams', {}).get('hidden')}, weights {ours.get('net.0.weight')}); "
+                        "set model.hidden to match it, or start without ckpt_path")
