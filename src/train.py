@@ -19,8 +19,8 @@ from src.checkpoint import check_architecture, load_checkpoint
 from src.config import TrainConfig, exit_on_user_error, run_hydra, validated
 
 
-def train(cfg: DictConfig, run_dir: str | Path) -> float:
-    """Fit and test as configured; return the metric a sweep optimises."""
+def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = ()) -> float:
+    """Fit and test as configured, plus any extra Lightning `callbacks`; return the metric a sweep optimises."""
     config: TrainConfig = validated(cfg)  # checks every key and value before anything starts
     resume_from = load_checkpoint(config.ckpt_path) if config.ckpt_path is not None else None
 
@@ -58,7 +58,7 @@ def train(cfg: DictConfig, run_dir: str | Path) -> float:
         **trainer_args,
         default_root_dir=run_dir,
         logger=CSVLogger(save_dir=run_dir, name="", version=""),
-        callbacks=[checkpoint, KerasProgressBar(), CheckpointOnInterrupt(checkpoint_dir)],
+        callbacks=[checkpoint, KerasProgressBar(), CheckpointOnInterrupt(checkpoint_dir), *callbacks],
         plugins=[AtomicCheckpointIO()],
         limit_val_batches=limit_val_batches,
         num_sanity_val_steps=0,
