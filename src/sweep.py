@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -41,8 +42,8 @@ class SweepSummary(Callback):
         self._started = time.time()
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        if config.hydra.mode != RunMode.MULTIRUN:
-            return
+        if config.hydra.mode != RunMode.MULTIRUN or os.environ.get("SLURM_PROCID", "0") != "0":
+            return  # a DDP job on SLURM runs once per task; the first task speaks for the job
         failed = job_return.status == JobStatus.FAILED
         # The exception itself; the public getter would re-raise it.
         error = job_return._return_value if failed else None

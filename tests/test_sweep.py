@@ -1,0 +1,181 @@
+"""Sweeps and scale-out: Hydra multirun with its summary, the submitit launcher, DDP on CPU, Optuna.
+
+Most tests run the real command lines in subprocesses on the tiny IDX data; the autouse
+no-download fixture does not reach them, so each points data.data_dir at the tiny data.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from src.sweep import last_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(module: str, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "PYTHONWARNINGS")}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def read_summary(sweep_dir: Path) -> list[dict]:
+    with open(sweep_dir / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_grid_sweep_summarises_every_job_and_reports_the_failed_one(tiny_data, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    # 2 x 2 grid; data.val_size=${model.hidden} with hidden=600 holds out all 600 tiny training
+    # images, so exactly that one job fails.
+    result = run("src.train", "-m", "+sweep=grid", f"data.data_dir={tiny_data}", "optimizer.lr=1e-4",
+                 "trainer.max_epochs=1", "model.hidden=50,600", "data.val_size=100,${model.hidden}",
+                 f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: 1 of 4 jobs failed; their errors are in {sweep_dir / 'summary.csv'}"
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["0", "1", "2", "3"]
+    rows = read_summary(sweep_dir)
+    assert sorted(int(row["job"]) for row in rows) == [0, 1, 2, 3]
+
+    failed = [row for row in rows if row["status"] == "failed"]
+    assert len(failed) == 1
+    assert "model.hidden=600" in failed[0]["overrides"] and "data.val_size=600 is not valid" in failed[0]["error"]
+    assert failed[0]["val/acc"] == "" and rows[-1] is failed[0]  # ranked last
+
+    completed = [row for row in rows if row["status"] == "completed"]
+    for row in completed:  # each row holds its own job's numbers
+        job_dir = sweep_dir / row["job"]
+        metrics = last_metrics(job_dir / "metrics.csv")
+        assert float(row["val/acc"]) == pytest.approx(metrics["val/acc"])
+        assert float(row["test/acc"]) == pytest.approx(metrics["test/acc"])
+        assert int(row["epochs"]) == metrics["epochs"] == 1
+        assert Path(row["checkpoint"]) == job_dir / "checkpoints" / "last.ckpt" and Path(row["checkpoint"]).is_file()
+        assert float(row["wall_s"]) > 0
+    values = [float(row["val/acc"]) for row in completed]
+    assert values == sorted(values, reverse=True)  # best val/acc first
+    assert "Sweep summary, best val/acc first" in result.stdout
+    for row in rows:
+        assert any(line.split()[:2] == [row["job"], row["status"]] for line in result.stdout.splitlines())
+    assert (sweep_dir / "summary.png").stat().st_size > 0
+
+
+def test_jobs_of_one_process_read_the_data_once(tiny_data, tmp_path, monkeypatch):
+    import logging
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    import runpy
+
+    from src.data import load_split
+
+    sweep_dir = tmp_path / "sweep"
+    monkeypatch.setattr(sys, "argv", ["train", "-m", f"data.data_dir={tiny_data}", "trainer.max_epochs=1",
+                                      "trainer.limit_train_batches=1", "model.hidden=8,16",
+                                      f"hydra.sweep.dir={sweep_dir}"])
+    handlers = logging.getLogger().handlers[:]
+    load_split.cache_clear()
+    try:
+        runpy.run_module("src.train", run_name="__main__")  # as `python -m src.train -m ...` does
+    finally:
+        GlobalHydra.instance().clear()
+        logging.getLogger().handlers[:] = handlers
+    assert [row["status"] for row in read_summary(sweep_dir)] == ["completed", "completed"]
+    info = load_split.cache_info()
+    assert (info.misses, info.hits) == (2, 2)  # train and test split parsed by the first job, reused by the second
+
+
+@pytest.mark.slow
+def test_submitit_local_sweep(tiny_data, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run("src.train", "-m", "hydra/launcher=submitit_local", f"data.data_dir={tiny_data}",
+                 "trainer.max_epochs=1", "model.hidden=8,16", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Submitit 'local' sweep" in result.stdout + result.stderr
+    rows = read_summary(sweep_dir)
+    assert sorted(row["overrides"].split()[-1] for row in rows) == ["model.hidden=16", "model.hidden=8"]
+    for row in rows:
+        job_dir = sweep_dir / row["job"]
+        assert row["status"] == "completed"
+        assert float(row["test/acc"]) == pytest.approx(last_metrics(job_dir / "metrics.csv")["test/acc"])
+    assert len(list((sweep_dir / ".submitit").glob("*/*_result.pkl"))) == 2  # ran as submitit jobs
+    assert "note: ranked on the test set" in result.stdout  # no validation split: the summary says so
+
+
+@pytest.mark.slow
+def test_ddp_cpu_trains_on_two_processes_and_reduces_metrics(tiny_data, tmp_path):
+    import torch
+
+    from src.data import load_split, prepare_files
+    from src.model import MNISTClassifier
+
+    run_dir, batch_size, epochs, world_size = tmp_path / "run", 32, 1, 2
+    result = run("src.train", "trainer=ddp_cpu", f"data.data_dir={tiny_data}", f"data.batch_size={batch_size}",
+                 f"trainer.max_epochs={epochs}", "optimizer.lr=1e-5", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Starting with 2 processes" in result.stdout + result.stderr
+    metric_lines = [line for line in result.stdout.splitlines() if line.startswith("test_loss:")]
+    assert len(metric_lines) == 1
+    assert [p.relative_to(run_dir) for p in run_dir.rglob("*.ckpt")] == [Path("checkpoints/last.ckpt")]
+    assert not (tmp_path / "outputs").exists()  # the second process wrote into the same run folder
+
+    x_train, _ = load_split("mnist", str(prepare_files("mnist", tiny_data)), train=True)
+    x_test, y_test = load_split("mnist", str(prepare_files("mnist", tiny_data)), train=False)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    per_process = math.ceil(len(x_train) / world_size)  # each process takes every other image
+    assert checkpoint["global_step"] == epochs * math.ceil(per_process / batch_size)  # batch_size is per process
+
+    model = MNISTClassifier.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", map_location="cpu")
+    with torch.no_grad():
+        accuracy = (model(x_test).argmax(1) == y_test.argmax(1)).float().mean().item()
+    printed = float(metric_lines[0].split("test_acc:")[1])
+    assert printed == pytest.approx(accuracy, abs=1e-4)  # over the whole test set, not one process's half
+
+
+@pytest.mark.slow
+def test_optuna_search_prunes_and_resumes(tiny_data, tmp_path):
+    import optuna
+
+    study_dir, epochs = tmp_path / "study", 3
+    args = [f"data.data_dir={tiny_data}", "data.val_size=100", f"trainer.max_epochs={epochs}",
+            "hparams_search.pruner.n_startup_trials=1", "hparams_search.pruner.n_warmup_steps=0",
+            "hparams_search.params.optimizer.lr.low=1e-7", f"hydra.run.dir={study_dir}"]
+    first = run("src.tune", *args, "hparams_search.n_trials=4", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    storage = f"sqlite:///{study_dir / 'study.db'}"
+    study = optuna.load_study(study_name="mnist-mlp", storage=storage)
+    states = [t.state for t in study.trials]
+    assert len(states) == 4 and optuna.trial.TrialState.PRUNED in states
+    for trial in study.trials:
+        if trial.state == optuna.trial.TrialState.PRUNED:  # stopped before its last epoch
+            assert last_metrics(study_dir / f"trial_{trial.number}" / "metrics.csv")["epochs"] < epochs
+
+    again = run("src.tune", *args, "hparams_search.n_trials=6", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming study 'mnist-mlp'" in again.stdout + again.stderr
+    assert len(optuna.get_all_study_names(storage)) == 1
+    study = optuna.load_study(study_name="mnist-mlp", storage=storage)
+    assert [t.number for t in study.trials] == list(range(6))
+    assert len({json.dumps(t.params, sort_keys=True) for t in study.trials}) == 6  # the resumed run drew new points
+    assert sorted(p.name for p in study_dir.glob("trial_*")) == [f"trial_{n}" for n in range(6)]
+    assert f"best trial {study.best_trial.number}:" in again.stdout
+
+
+def test_optuna_search_refuses_to_tune_on_the_test_set(tmp_path):
+    result = run("src.tune", "data.val_size=0", f"hydra.run.dir={tmp_path / 'study'}", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: data.val_size=0 is not valid: the search needs a validation split (> 0)"]
