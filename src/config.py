@@ -118,6 +118,35 @@ class TrainConfig:
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
+SPLITS = ("train", "test")
+PREDICT_DEVICES = ("cpu", "cuda", "mps")
+
+
+@dataclass
+class PredictConfig:
+    ckpt_path: Optional[str] = None  # None: the newest last.ckpt under outputs/ and multirun/
+    idx: Any = None  # an index or a list of them; None: 3, the original's image, unless `image` is given
+    split: str = "train"
+    image: Optional[str] = None  # a picture of a digit to classify instead of a dataset image
+    data_dir: Optional[str] = None  # None: the folder the checkpoint's training run read
+    device: str = "cpu"
+    show: bool = False  # also open the figure in a window where a display exists
+
+    def __post_init__(self) -> None:
+        _check(self.split in SPLITS, "split", self.split, f"expected one of {', '.join(SPLITS)}")
+        _check(self.device in PREDICT_DEVICES, "device", self.device, f"expected one of {', '.join(PREDICT_DEVICES)}")
+        indices = self.idx if isinstance(self.idx, list) else [self.idx]
+        _check(self.idx is None or (len(indices) > 0 and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices)),
+            "idx", self.idx, "expected an image index (0 or more) or a list of them, e.g. idx=3 or idx=[3,4,5]")
+        _check(self.image is None or self.image.strip() != "", "image", self.image, "expected the path of an image file")
+        if self.image is not None and self.idx is not None:
+            raise UserError("idx and image were both given: classify dataset images (idx=...) or your own image (image=...)")
+
+
+ConfigStore.instance().store(name="predict_schema", node=PredictConfig)
+
+
 def validated(cfg):
     """The composed config as its schema's dataclass, every value checked.
 

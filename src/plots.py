@@ -63,3 +63,54 @@ def confusion_matrix(confusion: torch.Tensor, classes: list[str], out: Path) -> 
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def prediction(probabilities: torch.Tensor, classes: list[str], image: torch.Tensor, out: Path,
+               title: str, label: int | None = None, keep_open: bool = False) -> Path:
+    """The 10 probabilities as a bar plot, as the original draws with seaborn, beside the 28x28 image the model saw.
+
+    The predicted class is orange and the true label, when known, green: a right answer is one green bar.
+    keep_open leaves the figure open for `show_open_figures`, drawn with matplotlib's default
+    backend: a window where a display exists.
+    """
+    if keep_open:
+        import matplotlib.pyplot as plt  # not _pyplot(): that one never opens a window
+    else:
+        plt = _pyplot()
+    probabilities = probabilities.detach().cpu().double()
+    predicted = int(probabilities.argmax())
+    colours = ["tab:blue"] * len(classes)
+    colours[predicted] = "tab:orange"
+    if label is not None:
+        colours[label] = "tab:green"
+    fig, (bars, picture) = plt.subplots(1, 2, figsize=(9, 3.2), gridspec_kw={"width_ratios": [2.4, 1]})
+    bars.bar(range(len(classes)), probabilities.tolist(), color=colours)
+    short = all(len(c) <= 2 for c in classes)
+    bars.set_xticks(range(len(classes)), classes, rotation=0 if short else 35, ha="center" if short else "right",
+                    fontsize=9)
+    outcome = "" if label is None else (" (right)" if predicted == label else f" (wrong: it is {classes[label]})")
+    bars.set(ylim=(0, 1), ylabel="probability",
+             title=f"predicted {classes[predicted]}: {float(probabilities[predicted]):.1%}{outcome}")
+    bars.grid(axis="y", alpha=0.3)
+    picture.imshow(image.detach().cpu().reshape(28, 28), cmap="gray", vmin=0, vmax=1)
+    picture.set_title(title, fontsize=9)
+    picture.axis("off")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    if not keep_open:
+        plt.close(fig)
+    return out
+
+
+def show_open_figures() -> bool:
+    """Open the figures kept open in windows and wait until they are closed.
+
+    Returns False, closing them, where matplotlib found no display and fell back to a file-only backend.
+    """
+    import matplotlib.pyplot as plt
+
+    if plt.get_backend().lower() in ("agg", "cairo", "pdf", "pgf", "ps", "svg", "template"):  # file-only backends
+        plt.close("all")
+        return False
+    plt.show()
+    return True
