@@ -148,7 +148,6 @@ def predict(cfg: DictConfig, run_dir: str | Path) -> list[Prediction]:
         ckpt_path, source = newest_checkpoint(), f"the newest last.ckpt under {', '.join(f + '/' for f in RUN_FOLDERS)}"
     model, data = load_model(ckpt_path, config.device)
     dataset = data.get("name")
-    print(f"checkpoint: {ckpt_path} ({source}; hidden={model.hparams.hidden}, trained on {dataset or 'unknown data'})")
     classes = _class_names(dataset, model.hparams.num_classes)
 
     if own_image is not None:
@@ -160,6 +159,7 @@ def predict(cfg: DictConfig, run_dir: str | Path) -> list[Prediction]:
         images, labels = _dataset_images(ckpt_path, data, config, indices)
         names = titles = [f"{dataset} {config.split}[{i}]" for i in indices]
         stems = [f"{config.split}_{i}" for i in indices]
+    print(f"checkpoint: {ckpt_path} ({source}; hidden={model.hparams.hidden}, trained on {dataset or 'unknown data'})")
 
     with torch.inference_mode():
         probabilities = model.predict_step(images.reshape(len(images), -1).to(config.device)).cpu()
@@ -178,7 +178,7 @@ def predict(cfg: DictConfig, run_dir: str | Path) -> list[Prediction]:
             print(f"  true label: {_describe(label, classes)}")
         figure = plots.prediction(p, classes, image, run_dir / f"prediction_{stem}.png", title=title, label=label,
                                   keep_open=config.show)
-        print(f"  figure: {figure}")
+        print(f"  figure: {figure.relative_to(Path.cwd()) if figure.is_relative_to(Path.cwd()) else figure}")
         predictions.append(Prediction(name, image, p, label, figure))
     if config.show and not plots.show_open_figures():
         print("show=true: no display found, so no window was opened; the figures are saved as above")
