@@ -110,7 +110,7 @@ def read_image(path: str | Path) -> torch.Tensor:
     centre_y = (ink * ys).sum() / ink.sum() + 0.5  # + 0.5: from pixel index to pixel centre
     centre_x = (ink * xs).sum() / ink.sum() + 0.5
     pad = int(np.ceil(FRAME * scale))  # room for the box to reach past the digit's edges
-    padded = Image.fromarray(np.pad(ink, pad), mode="F")
+    padded = Image.fromarray(np.pad(ink, pad))  # float32: Pillow mode "F"
     # Output pixel j covers source [left + j * scale, left + (j + 1) * scale); pixel CENTRE's middle is CENTRE + 0.5.
     left, top = centre_x + pad - (CENTRE + 0.5) * scale, centre_y + pad - (CENTRE + 0.5) * scale
     frame = padded.resize((FRAME, FRAME), Image.Resampling.HAMMING,  # antialiased, no ringing beyond the box

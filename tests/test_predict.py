@@ -294,7 +294,7 @@ def centred_on_its_mass(digit: np.ndarray) -> np.ndarray:
     """MNIST puts a digit's centre of mass on pixel (14, 14) to the nearest whole pixel; this, exactly."""
     ys, xs = np.indices(digit.shape)
     cy, cx = (digit * ys).sum() / digit.sum(), (digit * xs).sum() / digit.sum()
-    image = Image.fromarray(digit.astype(np.float32), mode="F")
+    image = Image.fromarray(digit.astype(np.float32))  # mode "F"
     return np.asarray(image.transform((28, 28), Image.Transform.AFFINE, (1, 0, cx - 14, 0, 1, cy - 14),
                                       Image.Resampling.BILINEAR))
 
