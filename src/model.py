@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -10,6 +12,11 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from src.config import UserError
+
+
+# Cross-entropy over 10 classes starts near ln(10) = 2.3; an epoch mean above this means the
+# logits have exploded (Keras's RMSprop normalises steps, so even lr=1e6 stays finite).
+DIVERGED_LOSS = 1e4
 
 
 class KerasRMSprop(torch.optim.Optimizer):
@@ -118,6 +125,7 @@ class MNISTClassifier(L.LightningModule):
         getattr(self, f"{stage}_acc").reset()
 
     def on_train_epoch_end(self) -> None:
+        self._stop_if_diverged()  # Lightning runs this before the epoch's checkpoint is written
         self._log_epoch("train")
 
     def on_validation_epoch_end(self) -> None:
@@ -129,12 +137,17 @@ class MNISTClassifier(L.LightningModule):
         self.test_confusion = self.confusion.compute().cpu()
         self.confusion.reset()
 
+    def _stop_if_diverged(self) -> None:
+        loss = self.train_loss.compute().item() if self.train_loss.update_count else 0.0
+        weights_finite = all(torch.isfinite(p).all() for p in self.parameters())
+        if not weights_finite or not math.isfinite(loss) or loss > DIVERGED_LOSS:
+            what = "the weights are no longer finite" if not weights_finite else f"train/loss reached {loss:.3g}"
+            raise DivergedError(f"training diverged in epoch {self.current_epoch + 1}: {what} "
+                                f"(optimizer.lr={self.hparams.lr} is likely too large); no checkpoint of it was written")
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Every save passes here (epoch ends, Ctrl-C): a diverged model is never written.
-        if not all(torch.isfinite(p).all() for p in self.parameters()):
-            raise DivergedError(
-                f"training diverged at epoch {self.current_epoch}: the weights are no longer finite "
-                f"(optimizer.lr={self.hparams.lr} is likely too large); no checkpoint of them was written")
+        # Every save passes here (after validation, on Ctrl-C): a diverged model is never written.
+        self._stop_if_diverged()
 
     def configure_optimizers(self):
         h = self.hparams

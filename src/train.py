@@ -46,19 +46,19 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = ()) -> float:
         check_architecture(resume_from, config.ckpt_path, model)
 
     checkpoint_dir = run_dir / "checkpoints"
-    checkpoint = ModelCheckpoint(
-        dirpath=checkpoint_dir, save_last=True, auto_insert_metric_name=False,
-        # With a validation split, also keep the best epoch by val/acc; else just last.ckpt.
-        monitor="val/acc" if has_val else None, mode="max", save_top_k=1 if has_val else 0,
-        filename="best-epoch{epoch:02d}-val_acc{val/acc:.4f}" if has_val else None,
-    )
+    # last.ckpt after every epoch. (save_last=True would only refresh it when a top-k checkpoint is saved.)
+    checkpoints = [ModelCheckpoint(dirpath=checkpoint_dir, filename="last", enable_version_counter=False)]
+    if has_val:
+        checkpoints.append(ModelCheckpoint(dirpath=checkpoint_dir, monitor="val/acc", mode="max",
+                                           filename="best-epoch{epoch:02d}-val_acc{val/acc:.4f}",
+                                           auto_insert_metric_name=False))
     trainer_args = {k: v for k, v in dataclasses.asdict(config.trainer).items() if v is not None}
     limit_val_batches = trainer_args.pop("limit_val_batches", 1.0) if has_val else 0
     trainer = L.Trainer(
         **trainer_args,
         default_root_dir=run_dir,
         logger=CSVLogger(save_dir=run_dir, name="", version=""),
-        callbacks=[checkpoint, KerasProgressBar(), CheckpointOnInterrupt(checkpoint_dir), *callbacks],
+        callbacks=[*checkpoints, KerasProgressBar(), CheckpointOnInterrupt(checkpoint_dir), *callbacks],
         plugins=[AtomicCheckpointIO()],
         limit_val_batches=limit_val_batches,
         num_sanity_val_steps=0,

@@ -1,0 +1,220 @@
+"""Failure behaviour: interrupts, crashes while saving, divergence, concurrent data preparation,
+damaged files and untrusted checkpoints. Each test fails without the protection it names."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from src.config import UserError
+from src.data import IDX_FILES, DataError, load_split, prepare_files, raw_folder
+from src.model import DivergedError, MNISTClassifier
+from src.train import train
+from tests.conftest import FASHION, ROOT, compose_train, write_idx
+
+EPOCHS, BATCH = 3, 64  # tiny data: 600 images -> 10 steps per epoch
+
+
+def tiny_run(tiny_data, *extra: str):
+    return compose_train(f"data.data_dir={tiny_data}", f"trainer.max_epochs={EPOCHS}", f"data.batch_size={BATCH}",
+                         "trainer.accelerator=cpu", "model.hidden=32", "seed=3", *extra)
+
+
+def final_weights(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+
+
+def interrupt_at_step(monkeypatch, step: int) -> None:
+    """Send a real SIGINT to this process right after optimizer step `step`."""
+    original = MNISTClassifier.on_train_batch_end
+
+    def maybe_interrupt(self, *args):
+        if self.global_step == step:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, *args)
+
+    monkeypatch.setattr(MNISTClassifier, "on_train_batch_end", maybe_interrupt)
+
+
+@pytest.mark.parametrize("step", [10, 14])  # after epoch 1 exactly, and in the middle of epoch 2
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_data, tmp_path, monkeypatch, capsys, step):
+    train(tiny_run(tiny_data), tmp_path / "straight")
+    straight_out = capsys.readouterr().out
+
+    with monkeypatch.context() as patch:
+        interrupt_at_step(patch, step)
+        with pytest.raises(SystemExit) as stopped:
+            train(tiny_run(tiny_data), tmp_path / "broken")
+    assert stopped.value.code != 0
+    err = capsys.readouterr().err
+    checkpoint = tmp_path / "broken" / "checkpoints" / "last.ckpt"
+    assert f"saved {checkpoint}" in err and f"ckpt_path={checkpoint}" in err
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == step
+
+    train(tiny_run(tiny_data, f"ckpt_path={checkpoint}"), tmp_path / "resumed")
+    resumed_out = capsys.readouterr().out
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    line = [l for l in straight_out.splitlines() if l.startswith("test_loss")]
+    assert line and line == [l for l in resumed_out.splitlines() if l.startswith("test_loss")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_to_a_real_run_saves_a_checkpoint_that_resumes(tiny_data, tmp_path, signum):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    args = [sys.executable, "-m", "src.train", f"data.data_dir={tiny_data}", "data.batch_size=4", "model.hidden=32",
+            "trainer.max_epochs=1000", "trainer.accelerator=cpu", f"hydra.run.dir={tmp_path / 'run'}"]
+    process = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not metrics.exists() and time.time() < deadline:  # after the first epoch's checkpoint
+        time.sleep(0.2)
+    time.sleep(0.5)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode != 0
+    assert "Traceback" not in err, err[-3000:]
+    assert "Resume with: python -m src.train" in err and f"ckpt_path={metrics}" in err
+    state = torch.load(metrics, weights_only=True)
+    assert state["global_step"] > 0 and state["epoch"] < 1000
+
+    resume = subprocess.run(args[:-2] + [f"trainer.max_epochs={state['epoch'] + 2}", f"ckpt_path={metrics}",
+                                         f"hydra.run.dir={tmp_path / 'resumed'}"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert resume.returncode == 0, resume.stderr[-3000:]
+    assert "test_acc:" in resume.stdout
+
+
+SAVER = r"""
+import sys, torch
+from src.callbacks import AtomicCheckpointIO
+io, path = AtomicCheckpointIO(), sys.argv[1]
+io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "tag": "old"}, path)
+print("saved", flush=True)
+io.save_checkpoint({"state_dict": {"w": torch.zeros(200_000_000)}, "tag": "new"}, path)  # 800 MB: slow to write
+print("done", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_while_saving_leaves_the_previous_checkpoint_whole(tmp_path):
+    path = tmp_path / "last.ckpt"
+    process = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert process.stdout.readline().strip() == "saved"
+    temporary = []
+    deadline = time.time() + 60
+    while not temporary and time.time() < deadline:  # wait until the new checkpoint is being written
+        temporary = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp") and p.stat().st_size > 0]
+    process.kill()
+    process.wait()
+    assert temporary, "the second save never started"
+    assert torch.load(path, weights_only=True)["tag"] == "old"
+
+
+def test_diverging_run_stops_and_writes_no_non_finite_checkpoint(tiny_data, tmp_path):
+    with pytest.raises(DivergedError, match=r"diverged in epoch 1: train/loss reached .*optimizer.lr=1000000.0"):
+        train(tiny_run(tiny_data, "optimizer.lr=1e6"), tmp_path / "run")
+    for checkpoint in (tmp_path / "run" / "checkpoints").glob("*.ckpt"):
+        state = torch.load(checkpoint, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values()), checkpoint
+
+
+def _prepare_and_load(args):
+    data_dir, barrier = args
+    barrier.wait()  # both processes start on the empty folder at the same moment
+    raw = prepare_files("fashion_mnist", data_dir)
+    x, _ = load_split("fashion_mnist", str(raw), train=True)
+    return tuple(x.shape)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist (47 MB to unpack)")
+def test_two_processes_prepare_the_same_empty_folder_at_once(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager:
+        barrier = manager.Barrier(2)
+        with context.Pool(2) as pool:
+            shapes = pool.map(_prepare_and_load, [(tmp_path / "data", barrier)] * 2)
+    assert shapes == [(60000, 784)] * 2
+    raw = raw_folder("fashion_mnist", tmp_path / "data")
+    assert sorted(p.name for p in raw.iterdir() if not p.name.startswith(".lock")) == sorted(IDX_FILES)
+
+
+def digest(folder: Path) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def damage(raw: Path, name: str, how: str) -> None:
+    path = raw / name
+    if how == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif how == "not idx":
+        path.write_bytes(b"<html>404 Not Found</html>" * 100)
+
+
+@pytest.mark.parametrize("name, how", [
+    ("train-images-idx3-ubyte", "truncated"),
+    ("train-labels-idx1-ubyte", "not idx"),
+    ("t10k-images-idx3-ubyte", "not idx"),
+])
+def test_damaged_file_is_named_and_nothing_else_is_touched(tiny_data, name, how):
+    raw = prepare_files("mnist", tiny_data)
+    damage(raw, name, how)
+    before = digest(raw)
+    with pytest.raises(DataError) as error:
+        load_split.__wrapped__("mnist", str(raw), train=name.startswith("train"))
+    message = str(error.value)
+    assert str(raw / name) in message and "delete it" in message and "\n" not in message
+    assert digest(raw) == before
+
+
+def test_image_and_label_counts_must_match(tiny_data):
+    raw = prepare_files("mnist", tiny_data)
+    write_idx(raw / "t10k-labels-idx1-ubyte", torch.zeros(199, dtype=torch.uint8).numpy())
+    with pytest.raises(DataError, match="has 200 images but .*t10k-labels-idx1-ubyte has 199 labels"):
+        load_split.__wrapped__("mnist", str(raw), train=False)
+
+
+PAYLOAD = """
+import os, torch
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch {marker}",))
+torch.save({{"state_dict": {{}}, "hyper_parameters": {{}}, "x": Payload()}}, "{path}")
+"""
+
+
+def test_checkpoint_whose_pickle_runs_code_is_refused_and_never_runs(tiny_data, tmp_path):
+    evil, marker = tmp_path / "evil.ckpt", tmp_path / "payload-ran"
+    subprocess.run([sys.executable, "-c", PAYLOAD.format(marker=marker, path=evil)], check=True)
+    assert evil.is_file() and not marker.exists()
+    with pytest.raises(UserError, match="was refused"):
+        train(tiny_run(tiny_data, f"ckpt_path={evil}"), tmp_path / "run")
+    assert not marker.exists(), "the checkpoint's payload ran"
+
+
+def test_checkpoint_of_another_architecture_gets_a_clear_error(tiny_data, tmp_path):
+    train(tiny_run(tiny_data, "trainer.max_epochs=1"), tmp_path / "small")
+    with pytest.raises(UserError, match=r"another architecture \(hidden=32.*set model.hidden"):
+        train(tiny_run(tiny_data, "model.hidden=64", f"ckpt_path={tmp_path / 'small/checkpoints/last.ckpt'}"),
+              tmp_path / "run")
+
+
+def test_a_file_that_is_not_a_checkpoint_gets_a_clear_error(tiny_data, tmp_path):
+    junk = tmp_path / "junk.ckpt"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(UserError, match="is not a checkpoint"):
+        train(tiny_run(tiny_data, f"ckpt_path={junk}"), tmp_path / "run")
