@@ -125,8 +125,8 @@ def last_metrics(metrics_csv: Path) -> dict:
 def _sort_key(row: dict, metric: str) -> tuple:
     value = row["value"]
     if value is None or math.isnan(value):
-        return (1, 0.0)  # failed or unmeasured jobs last
-    return (0, value if "loss" in metric else -value)
+        return (1, 0.0, row["job"])  # failed or unmeasured jobs last
+    return (0, value if "loss" in metric else -value, row["job"])
 
 
 def write_csv(rows: list[dict], path: Path) -> None:

@@ -84,6 +84,7 @@ def test_jobs_of_one_process_read_the_data_once(tiny_data, tmp_path, monkeypatch
     monkeypatch.setattr(sys, "argv", ["train", "-m", f"data.data_dir={tiny_data}", "trainer.max_epochs=1",
                                       "trainer.limit_train_batches=1", "model.hidden=8,16",
                                       f"hydra.sweep.dir={sweep_dir}"])
+    monkeypatch.delitem(sys.modules, "src.train", raising=False)  # run_module executes it afresh as __main__
     handlers = logging.getLogger().handlers[:]
     load_split.cache_clear()
     try:
