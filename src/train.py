@@ -58,7 +58,8 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = ()) -> float:
         **trainer_args,
         default_root_dir=run_dir,
         logger=CSVLogger(save_dir=run_dir, name="", version=""),
-        callbacks=[*checkpoints, KerasProgressBar(), CheckpointOnInterrupt(checkpoint_dir), *callbacks],
+        callbacks=[*checkpoints, CheckpointOnInterrupt(checkpoint_dir), *callbacks]
+        + ([KerasProgressBar()] if config.trainer.enable_progress_bar else []),
         plugins=[AtomicCheckpointIO()],
         limit_val_batches=limit_val_batches,
         num_sanity_val_steps=0,

@@ -1,0 +1,190 @@
+"""Speed of the project's training against a hand-written PyTorch loop, measured side by side.
+
+    python bench/speed.py                 # epochs: both loops alternate, A/B/A/B, in one process
+    python bench/speed.py --mode process  # whole `python -m src.train` runs against bench/plain_train.py
+    python bench/speed.py --quick         # a few seconds, on generated data (what the test runs)
+
+Data: Fashion-MNIST from /usr/share/datasets/fashion-mnist when present (MNIST's shapes),
+else generated tensors of MNIST's size. Timings on a shared machine are noisy: compare the
+ratios, which are measured under the same conditions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+def tensors(quick: bool):
+    """(x, y) train and test tensors, preprocessed as the project does."""
+    import torch
+
+    if FASHION.is_dir() and not quick:
+        from src.data import load_split, prepare_files
+
+        raw = str(prepare_files("fashion_mnist", ROOT / "data"))
+        return load_split("fashion_mnist", raw, True), load_split("fashion_mnist", raw, False), "Fashion-MNIST"
+    n_train, n_test = (6000, 1000) if quick else (60000, 10000)
+    generator = torch.Generator().manual_seed(0)
+    make = lambda n: (torch.rand(n, 784, generator=generator),  # noqa: E731
+                      torch.nn.functional.one_hot(torch.randint(0, 10, (n,), generator=generator), 10).float())
+    return make(n_train), make(n_test), f"generated data ({n_train} images)"
+
+
+class HandWrittenLoop:
+    """The baseline: the few lines anyone would write in plain PyTorch for the Keras program."""
+
+    def __init__(self, x, y, batch_size: int = 128, seed: int = 0):
+        import torch
+        from torch import nn
+
+        torch.manual_seed(seed)
+        self.model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 10))
+        self.optimizer = torch.optim.RMSprop(self.model.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)
+        self.x, self.y, self.batch_size, self.epoch = x, y, batch_size, 0
+
+    def run_epoch(self) -> float:
+        import torch
+        import torch.nn.functional as F
+
+        start = time.perf_counter()
+        order = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.epoch))
+        for i in range(0, len(self.x), self.batch_size):
+            index = order[i : i + self.batch_size]
+            loss = F.cross_entropy(self.model(self.x[index]), self.y[index])
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+        self.epoch += 1
+        return time.perf_counter() - start
+
+
+def epoch_mode(args) -> dict:
+    """Alternate one hand-written epoch and one project epoch, in one process, on the same tensors."""
+    import lightning as L
+
+    from src.data import MNISTDataModule
+    from src.train import train  # noqa: F401 - the same imports a real run pays for, before timing starts
+    from src.config import TrainConfig  # noqa: F401
+    from tests.conftest import compose_train
+
+    (x, y), (x_test, y_test), source = tensors(args.quick)
+    hand = HandWrittenLoop(x, y)
+    hand_times, project_times = [], []
+
+    class Interleave(L.Callback):
+        """Before each project epoch, run one hand-written epoch: A/B/A/B under the same conditions."""
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            now = time.perf_counter()
+            if hasattr(self, "started"):
+                project_times.append(now - self.started)
+            hand_times.append(hand.run_epoch())
+            self.started = time.perf_counter()
+
+        def on_train_end(self, trainer, pl_module):
+            project_times.append(time.perf_counter() - self.started)
+
+    # The project's real configuration and code path (progress bar, metrics, checkpoints), fed the same tensors.
+    original_setup = MNISTDataModule.setup
+
+    def same_tensors(self, stage):
+        self.train_xy, self.test_xy = (x, y), (x_test, y_test)
+
+    MNISTDataModule.setup = same_tensors
+    try:
+        with tempfile.TemporaryDirectory() as run_dir:
+            from src.train import train as run
+
+            cfg = compose_train(f"trainer.max_epochs={args.epochs}", "trainer.accelerator=cpu",
+                                f"data.data_dir={run_dir}/unused")
+            MNISTDataModule.prepare_data = lambda self: None
+            run(cfg, run_dir, callbacks=(Interleave(),))
+    finally:
+        MNISTDataModule.setup = original_setup
+    steps = -(-len(x) // 128)
+    hand_median, project_median = statistics.median(hand_times[1:]), statistics.median(project_times[1:])
+    return dict(source=source, epochs=args.epochs, steps=steps, hand=hand_median, project=project_median,
+                hand_all=hand_times, project_all=project_times)
+
+
+def peak_rss_mb(command: list[str], cwd: Path) -> tuple[float, float, str]:
+    """Run a command; return (wall seconds, peak resident MB, last stdout line)."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise SystemExit(f"error: {' '.join(command)} failed")
+    lines = [l for l in out.splitlines() if l.startswith("test_loss")]
+    return wall, usage.ru_maxrss / 1024, lines[-1] if lines else "?"
+
+
+def process_mode(args) -> dict:
+    """Whole processes, alternating: the project's command and a plain script doing the same job."""
+    data = "data=fashion_mnist" if FASHION.is_dir() else None
+    if data is None:
+        raise SystemExit("error: --mode process needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+    epochs = 1 if args.quick else args.epochs
+    results = {"project": [], "plain": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        project = [sys.executable, "-m", "src.train", data, f"trainer.max_epochs={epochs}",
+                   f"hydra.run.dir={tmp}/project"]
+        plain = [sys.executable, str(ROOT / "bench" / "plain_train.py"), f"--epochs={epochs}", f"--out={tmp}/plain"]
+        for _ in range(args.repeats):
+            results["plain"].append(peak_rss_mb(plain, ROOT))
+            results["project"].append(peak_rss_mb(project, ROOT))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("epoch", "process"), default="epoch")
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="process mode: runs of each command")
+    parser.add_argument("--quick", action="store_true", help="small and fast: generated data, 3 epochs")
+    args = parser.parse_args()
+    if args.quick:
+        args.epochs, args.repeats = 3, 1
+    import torch
+
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, python {platform.python_version()}")
+    if args.mode == "epoch":
+        r = epoch_mode(args)
+        print(f"# {r['source']}, batch 128, {r['steps']} steps per epoch, {r['epochs']} epochs, medians without epoch 1")
+        print("| training loop | s / epoch | steps / s | ratio |")
+        print("|---|---|---|---|")
+        print(f"| hand-written PyTorch | {r['hand']:.3f} | {r['steps'] / r['hand']:.0f} | 1.00 |")
+        print(f"| project (Lightning, bar, metrics, checkpoints) | {r['project']:.3f} | "
+              f"{r['steps'] / r['project']:.0f} | {r['project'] / r['hand']:.2f} |")
+        print(f"# every epoch, hand: {[round(t, 3) for t in r['hand_all']]}")
+        print(f"# every epoch, project: {[round(t, 3) for t in r['project_all']]}")
+    else:
+        r = process_mode(args)
+        print("| whole process | median s | peak RSS MB | last line |")
+        print("|---|---|---|---|")
+        for name in ("plain", "project"):
+            walls = [w for w, _, _ in r[name]]
+            print(f"| {name} | {statistics.median(walls):.2f} | {max(m for _, m, _ in r[name]):.0f} | "
+                  f"{r[name][-1][2]} |")
+        ratio = statistics.median(w for w, _, _ in r["project"]) / statistics.median(w for w, _, _ in r["plain"])
+        print(f"# ratio project / plain: {ratio:.2f}; every run (s): "
+              f"plain {[round(w, 2) for w, _, _ in r['plain']]}, project {[round(w, 2) for w, _, _ in r['project']]}")
+
+
+if __name__ == "__main__":
+    main()
