@@ -7,7 +7,6 @@ is saved into the run's folder, outputs/predict/DATE/TIME/. No Trainer is starte
 
 from __future__ import annotations
 
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,10 +48,6 @@ def load_model(path: Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
     from src.checkpoint import load_checkpoint
     from src.model import MNISTClassifier
 
-    if path.is_file() and not zipfile.is_zipfile(path):
-        # torch.save writes a zip archive; unpickling other bytes fails in many different ways.
-        raise UserError(f"ckpt_path={str(path)!r} is not a checkpoint: python -m src.train writes checkpoints as "
-                        "zip archives (torch.save), and this file is not one")
     checkpoint = load_checkpoint(path)
     try:
         model = MNISTClassifier(**checkpoint["hyper_parameters"])
