@@ -118,6 +118,11 @@ class TrainConfig:
 ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
+def sweep_metric(cfg) -> str:
+    """What a training run returns to a sweep (and the summary ranks by), for a composed or built config."""
+    return cfg.optimized_metric or ("val/acc" if cfg.data.val_size > 0 else "test/acc")
+
+
 SPLITS = ("train", "test")
 PREDICT_DEVICES = ("cpu", "cuda", "mps")
 

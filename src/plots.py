@@ -36,6 +36,7 @@ def training_curves(metrics_csv: Path, out: Path) -> Path | None:
                 epochs = sorted(points)
                 ax.plot([e + 1 for e in epochs], [points[e] for e in epochs], marker="o", label=stage)
         ax.set(title=name, xlabel="epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()

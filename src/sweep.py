@@ -22,13 +22,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from src.config import sweep_metric
+
 RESULT_FILE = "result.json"
 COLUMNS = ("job", "overrides", "status", "val/acc", "test/acc", "epochs", "wall_s", "checkpoint", "error")
-
-
-def sweep_metric(cfg: DictConfig) -> str:
-    """The metric src.train returns, hence the one a sweep ranks by."""
-    return cfg.optimized_metric or ("val/acc" if cfg.data.val_size > 0 else "test/acc")
 
 
 class SweepSummary(Callback):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -16,12 +17,13 @@ import hydra
 from omegaconf import DictConfig
 
 from src.checkpoint import check_architecture, load_checkpoint
-from src.config import TrainConfig, exit_on_user_error, run_hydra, validated
+from src.config import TrainConfig, UserError, exit_on_user_error, run_hydra, sweep_metric, validated
 
 
 def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = ()) -> float:
     """Fit and test as configured, plus any extra Lightning `callbacks`; return the metric a sweep optimises."""
     config: TrainConfig = validated(cfg)  # checks every key and value before anything starts
+    _refuse_ddp_in_a_local_sweep(config)
     resume_from = load_checkpoint(config.ckpt_path) if config.ckpt_path is not None else None
 
     # Imported after the checks above, so that bad input fails in a fraction of a second.
@@ -78,8 +80,20 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = ()) -> float:
     plots.training_curves(run_dir / "metrics.csv", run_dir / "training_curves.png")
     plots.confusion_matrix(model.test_confusion, DATASET_CLASSES[config.data.name].classes,
                            run_dir / "confusion_matrix.png")
-    metric = config.optimized_metric or ("val/acc" if has_val else "test/acc")
-    return metrics[metric]
+    return metrics[sweep_metric(config)]
+
+
+def _refuse_ddp_in_a_local_sweep(config: TrainConfig) -> None:
+    """Lightning starts DDP's other processes by running the command line again: inside a
+    local -m sweep that would start the whole sweep again. SLURM starts them itself."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if multirun and config.trainer.strategy.startswith("ddp") and config.trainer.devices != 1 \
+            and "SLURM_NTASKS" not in os.environ:
+        raise UserError(f"trainer.strategy={config.trainer.strategy} with several devices is not valid in a -m sweep "
+                        "on this machine: use hydra/launcher=slurm, or run it without -m")
 
 
 def _quiet_lightning() -> None:

@@ -180,3 +180,14 @@ def test_optuna_search_refuses_to_tune_on_the_test_set(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "error: data.val_size=0 is not valid: the search needs a validation split (> 0)"]
+
+
+@pytest.mark.slow
+def test_ddp_in_a_local_sweep_is_refused_instead_of_restarting_the_sweep(tiny_data, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = run("src.train", "-m", "trainer=ddp_cpu", f"data.data_dir={tiny_data}", f"hydra.sweep.dir={sweep_dir}",
+                 cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stdout.count("Launching 1 jobs") + result.stderr.count("Launching 1 jobs") == 1
+    (row,) = read_summary(sweep_dir)
+    assert row["status"] == "failed" and "use hydra/launcher=slurm" in row["error"]
