@@ -70,6 +70,41 @@ class HandWrittenLoop:
         return time.perf_counter() - start
 
 
+def step_profile(x, y, epochs: int = 2) -> dict[str, float]:
+    """Seconds per epoch spent in each part of a plain training step, with the project's model
+    and optimizer and with torch.optim.RMSprop, timed part by part (the last epoch counts)."""
+    import torch
+    import torch.nn.functional as F
+
+    from src.model import KerasRMSprop, MNISTClassifier
+
+    parts: dict[str, float] = {}
+    for name, make_optimizer in (("RMSprop step (this project's KerasRMSprop)", KerasRMSprop),
+                                 ("RMSprop step (torch.optim.RMSprop)",
+                                  lambda p: torch.optim.RMSprop(p, lr=1e-3, alpha=0.9, eps=1e-7))):
+        net = MNISTClassifier().net
+        optimizer = make_optimizer(net.parameters())
+        for _ in range(epochs):
+            spent = dict.fromkeys(("batch gather", "forward + loss", "backward", name), 0.0)
+            order = torch.randperm(len(x))
+            for i in range(0, len(x), 128):
+                t0 = time.perf_counter()
+                index = order[i : i + 128]
+                xb, yb = x[index], y[index]
+                t1 = time.perf_counter()
+                loss = F.cross_entropy(net(xb), yb)
+                t2 = time.perf_counter()
+                optimizer.zero_grad()
+                loss.backward()
+                t3 = time.perf_counter()
+                optimizer.step()
+                t4 = time.perf_counter()
+                for key, dt in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+                    spent[key] += dt
+        parts.update(spent)
+    return parts
+
+
 def epoch_mode(args) -> dict:
     """Alternate one hand-written epoch and one project epoch, in one process, on the same tensors."""
     import lightning as L
@@ -114,9 +149,10 @@ def epoch_mode(args) -> dict:
     finally:
         MNISTDataModule.setup = original_setup
     steps = -(-len(x) // 128)
+    profile = step_profile(x, y)
     hand_median, project_median = statistics.median(hand_times[1:]), statistics.median(project_times[1:])
     return dict(source=source, epochs=args.epochs, steps=steps, hand=hand_median, project=project_median,
-                hand_all=hand_times, project_all=project_times)
+                hand_all=hand_times, project_all=project_times, profile=profile)
 
 
 def peak_rss_mb(command: list[str], cwd: Path) -> tuple[float, float, str]:
@@ -171,7 +207,14 @@ def main() -> None:
         print(f"| hand-written PyTorch | {r['hand']:.3f} | {r['steps'] / r['hand']:.0f} | 1.00 |")
         print(f"| project (Lightning, bar, metrics, checkpoints) | {r['project']:.3f} | "
               f"{r['steps'] / r['project']:.0f} | {r['project'] / r['hand']:.2f} |")
-        print(f"# every epoch, hand: {[round(t, 3) for t in r['hand_all']]}")
+        print("\n| one epoch of plain steps, by part | s |")
+        print("|---|---|")
+        for part, seconds in r["profile"].items():
+            print(f"| {part} | {seconds:.3f} |")
+        plain = sum(v for k, v in r["profile"].items() if "torch.optim" not in k)
+        print(f"| the project's epoch less these parts: Lightning's loop, metrics, bar, checkpoint | "
+              f"{r['project'] - plain:.3f} |")
+        print(f"\n# every epoch, hand: {[round(t, 3) for t in r['hand_all']]}")
         print(f"# every epoch, project: {[round(t, 3) for t in r['project_all']]}")
     else:
         r = process_mode(args)

@@ -114,3 +114,17 @@ def test_no_files_and_no_network_names_folder_and_files(tmp_path):
     message = str(error.value)
     assert str(tmp_path / "empty") in message and "\n" not in message
     assert all(f in message for f in IDX_FILES)
+
+
+def test_on_an_accelerator_the_data_lives_on_the_device(tiny_data):
+    """What CUDA gets, checked with PyTorch's 'meta' device: tensors moved once, batches sliced there."""
+    from types import SimpleNamespace
+
+    dm = MNISTDataModule(data_dir=str(tiny_data), val_size=100)
+    dm.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("meta")), global_rank=0,
+                                 world_size=1, global_step=0, current_epoch=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert all(t.device.type == "meta" for xy in (dm.train_xy, dm.val_xy, dm.test_xy) for t in xy)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.device.type == "meta" and x.shape == (128, 784) and y.shape == (128, 10)
