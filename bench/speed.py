@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -110,9 +111,8 @@ def epoch_mode(args) -> dict:
     import lightning as L
 
     from src.data import MNISTDataModule
-    from src.train import train  # noqa: F401 - the same imports a real run pays for, before timing starts
-    from src.config import TrainConfig  # noqa: F401
-    from tests.conftest import compose_train
+    from src.train import train
+    from hydra import compose, initialize_config_dir
 
     (x, y), (x_test, y_test), source = tensors(args.quick)
     hand = HandWrittenLoop(x, y)
@@ -132,22 +132,15 @@ def epoch_mode(args) -> dict:
             project_times.append(time.perf_counter() - self.started)
 
     # The project's real configuration and code path (progress bar, metrics, checkpoints), fed the same tensors.
-    original_setup = MNISTDataModule.setup
-
     def same_tensors(self, stage):
         self.train_xy, self.test_xy = (x, y), (x_test, y_test)
 
-    MNISTDataModule.setup = same_tensors
-    try:
-        with tempfile.TemporaryDirectory() as run_dir:
-            from src.train import train as run
-
-            cfg = compose_train(f"trainer.max_epochs={args.epochs}", "trainer.accelerator=cpu",
-                                f"data.data_dir={run_dir}/unused")
-            MNISTDataModule.prepare_data = lambda self: None
-            run(cfg, run_dir, callbacks=(Interleave(),))
-    finally:
-        MNISTDataModule.setup = original_setup
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"), \
+            tempfile.TemporaryDirectory() as run_dir, \
+            patch.object(MNISTDataModule, "setup", same_tensors), \
+            patch.object(MNISTDataModule, "prepare_data", lambda self: None):
+        cfg = compose("train", overrides=[f"trainer.max_epochs={args.epochs}", "trainer.accelerator=cpu"])
+        train(cfg, run_dir, callbacks=(Interleave(),))
     steps = -(-len(x) // 128)
     profile = step_profile(x, y)
     hand_median, project_median = statistics.median(hand_times[1:]), statistics.median(project_times[1:])
@@ -180,9 +173,15 @@ def process_mode(args) -> dict:
         project = [sys.executable, "-m", "src.train", data, f"trainer.max_epochs={epochs}",
                    f"hydra.run.dir={tmp}/project"]
         plain = [sys.executable, str(ROOT / "bench" / "plain_train.py"), f"--epochs={epochs}", f"--out={tmp}/plain"]
+        keras = [args.keras_python, str(ROOT / "bench" / "keras_original.py"), f"--epochs={epochs}",
+                 f"--out={tmp}/keras"]
+        if args.keras_python:
+            results["keras"] = []
         for _ in range(args.repeats):
             results["plain"].append(peak_rss_mb(plain, ROOT))
             results["project"].append(peak_rss_mb(project, ROOT))
+            if args.keras_python:
+                results["keras"].append(peak_rss_mb(keras, ROOT))
     return results
 
 
@@ -192,6 +191,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3, help="process mode: runs of each command")
     parser.add_argument("--quick", action="store_true", help="small and fast: generated data, 3 epochs")
+    parser.add_argument("--keras-python", help="process mode: also time the Keras original with this Python "
+                        "(one that has TensorFlow)")
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.repeats = 3, 1
@@ -220,13 +221,14 @@ def main() -> None:
         r = process_mode(args)
         print("| whole process | median s | peak RSS MB | last line |")
         print("|---|---|---|---|")
-        for name in ("plain", "project"):
+        for name in r:
             walls = [w for w, _, _ in r[name]]
             print(f"| {name} | {statistics.median(walls):.2f} | {max(m for _, m, _ in r[name]):.0f} | "
                   f"{r[name][-1][2]} |")
-        ratio = statistics.median(w for w, _, _ in r["project"]) / statistics.median(w for w, _, _ in r["plain"])
-        print(f"# ratio project / plain: {ratio:.2f}; every run (s): "
-              f"plain {[round(w, 2) for w, _, _ in r['plain']]}, project {[round(w, 2) for w, _, _ in r['project']]}")
+        median = {name: statistics.median(w for w, _, _ in runs) for name, runs in r.items()}
+        print(f"# ratio project / plain: {median['project'] / median['plain']:.2f}"
+              + (f", project / keras: {median['project'] / median['keras']:.2f}" if "keras" in median else ""))
+        print("# every run (s): " + "; ".join(f"{name} {[round(w, 2) for w, _, _ in runs]}" for name, runs in r.items()))
 
 
 if __name__ == "__main__":
