@@ -7,59 +7,15 @@ import math
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from src.config import UserError
-
+from src.network import KerasRMSprop, build_mlp
 
 # Cross-entropy over 10 classes starts near ln(10) = 2.3; an epoch mean above this means the
 # logits have exploded (Keras's RMSprop normalises steps, so even lr=1e6 stays finite).
 DIVERGED_LOSS = 1e4
-
-
-class KerasRMSprop(torch.optim.Optimizer):
-    """RMSprop as Keras computes it: w -= lr * g / sqrt(v + eps), v = rho * v + (1 - rho) * g^2.
-
-    torch.optim.RMSprop adds eps outside the square root (sqrt(v) + eps); with Keras's eps of
-    1e-7 that is a different optimiser wherever v is small, so it is written out here. It is
-    also lighter: one reused buffer per weight, and rsqrt-and-multiply instead of sqrt and
-    divide (equal to within float rounding), which makes the step about half as costly.
-    """
-
-    def __init__(self, params, lr: float = 1e-3, rho: float = 0.9, eps: float = 1e-7):
-        super().__init__(params, dict(lr=lr, rho=rho, eps=eps))
-        self._scratch: dict[torch.Tensor, torch.Tensor] = {}  # a work buffer per weight; not state, not saved
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, rho, eps = group["lr"], group["rho"], group["eps"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "velocity" not in state:
-                    state["velocity"] = torch.zeros_like(p)
-                if p not in self._scratch:  # also after a resume, which restores only the state
-                    self._scratch[p] = torch.empty_like(p)
-                velocity, grad = state["velocity"], p.grad
-                velocity.mul_(rho).addcmul_(grad, grad, value=1 - rho)
-                scale = torch.add(velocity, eps, out=self._scratch[p]).rsqrt_()
-                p.addcmul_(grad, scale, value=-lr)
-        return loss
-
-
-def keras_dense_init(layer: nn.Linear) -> nn.Linear:
-    """Keras Dense defaults: glorot-uniform kernel, zero bias (torch's Linear init differs)."""
-    nn.init.xavier_uniform_(layer.weight)
-    nn.init.zeros_(layer.bias)
-    return layer
 
 
 class MNISTClassifier(L.LightningModule):
@@ -74,11 +30,7 @@ class MNISTClassifier(L.LightningModule):
                  input_size: int = 28 * 28, num_classes: int = 10):
         super().__init__()
         self.save_hyperparameters()
-        self.net = nn.Sequential(
-            keras_dense_init(nn.Linear(input_size, hidden)),
-            nn.ReLU(),
-            keras_dense_init(nn.Linear(hidden, num_classes)),
-        )
+        self.net = build_mlp(input_size, hidden, num_classes)
         # Metrics accumulate on the device with no sync per step; they are computed locally
         # (the progress bar reads them mid-epoch on one process) and averaged over processes
         # when logged at epoch end.

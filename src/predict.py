@@ -43,21 +43,25 @@ def newest_checkpoint(folders: tuple[str, ...] = RUN_FOLDERS) -> Path:
     return max(found, key=lambda path: path.stat().st_mtime)
 
 
-def load_model(path: Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """The model rebuilt from the checkpoint's own hyperparameters, and its data module's hyperparameters."""
+def load_model(path: Path, device: str = "cpu") -> tuple[torch.nn.Module, dict, dict]:
+    """The network rebuilt from the checkpoint's own hyperparameters, those hyperparameters, and
+    its data module's. Plain PyTorch: no Lightning to import for one image."""
     from src.checkpoint import load_checkpoint
-    from src.model import MNISTClassifier
+    from src.network import build_mlp
 
     checkpoint = load_checkpoint(path)
+    hparams = dict(checkpoint["hyper_parameters"])
     try:
-        model = MNISTClassifier(**checkpoint["hyper_parameters"])
-        model.load_state_dict(checkpoint["state_dict"])
-    except (TypeError, ValueError, RuntimeError) as error:
+        net = build_mlp(hparams["input_size"], hparams["hidden"], hparams["num_classes"])
+        # The LightningModule keeps the network as `net`; its metrics hold no weights.
+        net.load_state_dict({k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items()
+                             if k.startswith("net.")})
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
         reason = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         reason = reason if len(reason) <= 300 else reason[:300] + "…"
         raise UserError(f"ckpt_path={str(path)!r} holds a model of another architecture than this program's "
-                        f"{MNISTClassifier.__name__} ({reason})") from None
-    return model.eval().to(device), dict(checkpoint.get("datamodule_hyper_parameters") or {})
+                        f"784 -> hidden -> 10 network ({reason})") from None
+    return net.eval().to(device), hparams, dict(checkpoint.get("datamodule_hyper_parameters") or {})
 
 
 def read_image(path: str | Path) -> torch.Tensor:
@@ -121,7 +125,7 @@ def _check_device(device: str) -> None:
 
 
 def _class_names(dataset: str | None, num_classes: int) -> list[str]:
-    from src.data import DATASET_CLASSES
+    from src.idx import DATASET_CLASSES
 
     if dataset not in DATASET_CLASSES:
         return [str(k) for k in range(num_classes)]
@@ -141,9 +145,9 @@ def predict(cfg: DictConfig, run_dir: str | Path) -> list[Prediction]:
         ckpt_path, source = Path(config.ckpt_path), "ckpt_path"
     else:
         ckpt_path, source = newest_checkpoint(), f"the newest last.ckpt under {', '.join(f + '/' for f in RUN_FOLDERS)}"
-    model, data = load_model(ckpt_path, config.device)
+    model, hparams, data = load_model(ckpt_path, config.device)
     dataset = data.get("name")
-    classes = _class_names(dataset, model.hparams.num_classes)
+    classes = _class_names(dataset, hparams["num_classes"])
 
     if own_image is not None:
         images, labels = own_image[None], [None]
@@ -154,10 +158,10 @@ def predict(cfg: DictConfig, run_dir: str | Path) -> list[Prediction]:
         images, labels = _dataset_images(ckpt_path, data, config, indices)
         names = titles = [f"{dataset} {config.split}[{i}]" for i in indices]
         stems = [f"{config.split}_{i}" for i in indices]
-    print(f"checkpoint: {ckpt_path} ({source}; hidden={model.hparams.hidden}, trained on {dataset or 'unknown data'})")
+    print(f"checkpoint: {ckpt_path} ({source}; hidden={hparams['hidden']}, trained on {dataset or 'unknown data'})")
 
     with torch.inference_mode():
-        probabilities = model.predict_step(images.reshape(len(images), -1).to(config.device)).cpu()
+        probabilities = model(images.reshape(len(images), -1).to(config.device)).softmax(dim=1).cpu()
 
     from src import plots
 
@@ -182,7 +186,7 @@ def predict(cfg: DictConfig, run_dir: str | Path) -> list[Prediction]:
 
 def _dataset_images(ckpt_path: Path, data: dict, config: PredictConfig, indices: list[int]):
     """The split's images at `indices` as (n, 28, 28), preprocessed exactly as for training, and their labels."""
-    from src.data import DATASET_CLASSES, load_split, prepare_files
+    from src.idx import DATASET_CLASSES, load_split, prepare_files
 
     name = data.get("name")
     if name not in DATASET_CLASSES:

@@ -34,7 +34,8 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = ()) -> float:
 
     from src import plots
     from src.callbacks import AtomicCheckpointIO, CheckpointOnInterrupt, KerasProgressBar
-    from src.data import DATASET_CLASSES, MNISTDataModule
+    from src.data import MNISTDataModule
+    from src.idx import DATASET_CLASSES
     from src.model import MNISTClassifier
 
     _quiet_lightning()

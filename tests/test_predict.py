@@ -17,7 +17,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image, ImageDraw, ImageOps
 
 from src.config import UserError
-from src.data import load_split, prepare_files
+from src.idx import load_split, prepare_files
 from src.model import MNISTClassifier
 from src.predict import load_model, predict, read_image
 from src.train import train
@@ -238,7 +238,7 @@ def test_a_checkpoint_of_another_width_is_refused(workdir, trained):
     checkpoint = torch.load(trained, weights_only=True)
     checkpoint["hyper_parameters"]["hidden"] = HIDDEN * 2  # says one width, holds weights of another
     torch.save(checkpoint, workdir / "wider.ckpt")
-    with pytest.raises(UserError, match="another architecture.*size mismatch for net.0.weight"):
+    with pytest.raises(UserError, match="another architecture.*size mismatch for 0.weight"):
         run_predict("ckpt_path=wider.ckpt")
 
 
@@ -323,7 +323,7 @@ def test_a_model_reads_users_pictures_about_as_well_as_the_originals(tmp_path, m
     write_idx(data / "t10k-labels-idx1-ubyte.gz", labels[9000:])
     train(compose_train(f"data.data_dir={data}", "trainer.max_epochs=3", "trainer.accelerator=cpu",
                         "model.hidden=128"), tmp_path / "run")
-    model, _ = load_model(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    model, _, _ = load_model(tmp_path / "run" / "checkpoints" / "last.ckpt")
 
     held_out, truth = images[9000:9300], torch.from_numpy(labels[9000:9300].astype(np.int64))
     pictures = torch.stack([read_image(as_users_picture(d, tmp_path / f"{k}.png", k)) for k, d in enumerate(held_out)])
@@ -339,3 +339,14 @@ def test_a_model_reads_users_pictures_about_as_well_as_the_originals(tmp_path, m
     [result] = run_predict(f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", "image=0.png")
     assert torch.equal(result.image, pictures[0])
     assert int(result.probabilities.argmax()) == int(model(pictures[:1].reshape(1, 784)).argmax())
+
+
+def test_predict_does_not_import_lightning(workdir, trained):
+    """One image needs PyTorch, not the training framework: Lightning's import alone takes seconds."""
+    code = ("import runpy, sys; sys.argv = ['predict', 'idx=3']\n"
+            "try:\n    runpy.run_module('src.predict', run_name='__main__')\nfinally:\n"
+            "    print('lightning imported:', any(m.split('.')[0] == 'lightning' for m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "probabilities:" in result.stdout and "lightning imported: False" in result.stdout

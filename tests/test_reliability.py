@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from src.config import UserError
-from src.data import IDX_FILES, DataError, load_split, prepare_files, raw_folder
+from src.idx import IDX_FILES, DataError, load_split, prepare_files, raw_folder
 from src.model import DivergedError, MNISTClassifier
 from src.train import train
 from tests.conftest import FASHION, ROOT, compose_train, write_idx

@@ -78,7 +78,7 @@ def test_jobs_of_one_process_read_the_data_once(tiny_data, tmp_path, monkeypatch
 
     import runpy
 
-    from src.data import load_split
+    from src.idx import load_split
 
     sweep_dir = tmp_path / "sweep"
     monkeypatch.setattr(sys, "argv", ["train", "-m", f"data.data_dir={tiny_data}", "trainer.max_epochs=1",
@@ -119,7 +119,7 @@ def test_submitit_local_sweep(tiny_data, tmp_path):
 def test_ddp_cpu_trains_on_two_processes_and_reduces_metrics(tiny_data, tmp_path):
     import torch
 
-    from src.data import load_split, prepare_files
+    from src.idx import load_split, prepare_files
     from src.model import MNISTClassifier
 
     run_dir, batch_size, epochs, world_size = tmp_path / "run", 32, 1, 2
