@@ -32,7 +32,7 @@ def tensors(quick: bool):
     import torch
 
     if FASHION.is_dir() and not quick:
-        from src.data import load_split, prepare_files
+        from src.idx import load_split, prepare_files
 
         raw = str(prepare_files("fashion_mnist", ROOT / "data"))
         return load_split("fashion_mnist", raw, True), load_split("fashion_mnist", raw, False), "Fashion-MNIST"
@@ -77,13 +77,13 @@ def step_profile(x, y, epochs: int = 2) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
-    from src.model import KerasRMSprop, MNISTClassifier
+    from src.network import KerasRMSprop, build_mlp
 
     parts: dict[str, float] = {}
     for name, make_optimizer in (("RMSprop step (this project's KerasRMSprop)", KerasRMSprop),
                                  ("RMSprop step (torch.optim.RMSprop)",
                                   lambda p: torch.optim.RMSprop(p, lr=1e-3, alpha=0.9, eps=1e-7))):
-        net = MNISTClassifier().net
+        net = build_mlp()
         optimizer = make_optimizer(net.parameters())
         for _ in range(epochs):
             spent = dict.fromkeys(("batch gather", "forward + loss", "backward", name), 0.0)
