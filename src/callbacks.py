@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
@@ -76,11 +77,12 @@ class CheckpointOnInterrupt(L.Callback):
 
     def __init__(self, dirpath: str | Path):
         self.path = Path(dirpath) / "last.ckpt"
-        self.stop_requested = False
+        self.stop_requested = self.stopped_at_once = False
         self._previous_handler = None
 
     def _request_stop(self, signum, frame):
         if self.stop_requested:
+            self.stopped_at_once = True
             raise KeyboardInterrupt
         self.stop_requested = True
         print("\nStopping after this step (Ctrl-C again to stop at once, without saving)...", file=sys.stderr, flush=True)
@@ -105,8 +107,8 @@ class CheckpointOnInterrupt(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         self._restore_handler()
-        clean_stop = (isinstance(exception, KeyboardInterrupt) and self.stop_requested) or isinstance(exception, SIGTERMException)
-        if not clean_stop or not trainer.training:
+        asked_to_stop = isinstance(exception, KeyboardInterrupt) and self.stop_requested and not self.stopped_at_once
+        if not (asked_to_stop or isinstance(exception, SIGTERMException)) or trainer.state.fn != TrainerFn.FITTING:
             return
         trainer.save_checkpoint(self.path)
         if trainer.is_global_zero:
