@@ -33,13 +33,14 @@ def final_weights(run: Path) -> dict:
     return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
 
 
-def interrupt_at_step(monkeypatch, step: int) -> None:
-    """Send a real SIGINT to this process right after optimizer step `step`."""
+def interrupt_at_step(monkeypatch, step: int, times: int = 1) -> None:
+    """Send real SIGINTs (Ctrl-C) to this process right after optimizer step `step`."""
     original = MNISTClassifier.on_train_batch_end
 
     def maybe_interrupt(self, *args):
         if self.global_step == step:
-            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(times):
+                os.kill(os.getpid(), signal.SIGINT)
         return original(self, *args)
 
     monkeypatch.setattr(MNISTClassifier, "on_train_batch_end", maybe_interrupt)
@@ -67,6 +68,15 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_data, tmp_
         assert torch.equal(straight[key], resumed[key]), key
     line = [l for l in straight_out.splitlines() if l.startswith("test_loss")]
     assert line and line == [l for l in resumed_out.splitlines() if l.startswith("test_loss")]
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving(tiny_data, tmp_path, monkeypatch, capsys):
+    interrupt_at_step(monkeypatch, 5, times=2)  # in the middle of the first epoch: no checkpoint yet
+    with pytest.raises(SystemExit) as stopped:
+        train(tiny_run(tiny_data), tmp_path / "run")
+    assert stopped.value.code != 0
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+    assert "Resume with" not in capsys.readouterr().err
 
 
 @pytest.mark.slow
