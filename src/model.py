@@ -46,14 +46,18 @@ class MNISTClassifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def _metrics(self, stage: str) -> tuple[MeanMetric, MulticlassAccuracy]:
+        return getattr(self, f"{stage}_loss"), getattr(self, f"{stage}_acc")
+
     def _step(self, stage: str, batch) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         # Keras's categorical_crossentropy on softmax outputs, computed from logits for stability.
         loss = F.cross_entropy(logits, y)
         labels = y.argmax(dim=1)
-        getattr(self, f"{stage}_loss").update(loss.detach(), weight=len(x))
-        getattr(self, f"{stage}_acc").update(logits.detach(), labels)
+        mean_loss, accuracy = self._metrics(stage)
+        mean_loss.update(loss.detach(), weight=len(x))
+        accuracy.update(logits.detach(), labels)
         if stage == "test":
             self.confusion.update(logits.detach(), labels)
         return loss
@@ -80,15 +84,16 @@ class MNISTClassifier(L.LightningModule):
 
     def running_metrics(self, stage: str = "train") -> dict[str, float]:
         """Means over the epoch so far, as Keras's progress bar shows them."""
-        if getattr(self, f"{stage}_loss").update_count == 0:
+        mean_loss, accuracy = self._metrics(stage)
+        if mean_loss.update_count == 0:
             return {}
-        return {"loss": getattr(self, f"{stage}_loss").compute().item(), "acc": getattr(self, f"{stage}_acc").compute().item()}
+        return {"loss": mean_loss.compute().item(), "acc": accuracy.compute().item()}
 
     def _log_epoch(self, stage: str) -> None:
-        self.log_dict({f"{stage}/loss": getattr(self, f"{stage}_loss").compute(), f"{stage}/acc": getattr(self, f"{stage}_acc").compute()},
-                      sync_dist=True)
-        getattr(self, f"{stage}_loss").reset()
-        getattr(self, f"{stage}_acc").reset()
+        mean_loss, accuracy = self._metrics(stage)
+        self.log_dict({f"{stage}/loss": mean_loss.compute(), f"{stage}/acc": accuracy.compute()}, sync_dist=True)
+        mean_loss.reset()
+        accuracy.reset()
 
     def on_train_epoch_end(self) -> None:
         self._stop_if_diverged()  # Lightning runs this before the epoch's checkpoint is written
