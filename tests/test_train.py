@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import subprocess
@@ -101,10 +102,8 @@ def test_validation_split_is_logged_and_returned(tiny_data, tmp_path, capsys):
     cfg = compose_train(f"data.data_dir={tiny_data}", "trainer.max_epochs=1", "trainer.accelerator=cpu",
                         "data.val_size=100", "model.hidden=32")
     metric = train(cfg, tmp_path / "run")
-    rows = (tmp_path / "run" / "metrics.csv").read_text()
-    assert "val/acc" in rows.splitlines()[0]
-    val_acc = [float(r.split(",")[rows.splitlines()[0].split(",").index("val/acc")])
-               for r in rows.splitlines()[1:] if r.split(",")[rows.splitlines()[0].split(",").index("val/acc")]]
+    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
+        val_acc = [float(row["val/acc"]) for row in csv.DictReader(f) if row.get("val/acc")]
     assert metric == pytest.approx(val_acc[-1])
     assert list((tmp_path / "run" / "checkpoints").glob("best-*.ckpt"))
 
