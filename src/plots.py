@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 
-def _pyplot():
+def file_pyplot():
+    """matplotlib.pyplot on the Agg backend: figures go to files, never to a window."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display needed
@@ -27,7 +28,7 @@ def training_curves(metrics_csv: Path, out: Path) -> Path | None:
                 series.setdefault(key, {})[int(row["epoch"])] = float(value)
     if not series:
         return None
-    plt = _pyplot()
+    plt = file_pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, name in zip(axes, ("loss", "acc")):
         for stage in ("train", "val"):
@@ -47,7 +48,7 @@ def training_curves(metrics_csv: Path, out: Path) -> Path | None:
 
 def confusion_matrix(confusion: torch.Tensor, classes: list[str], out: Path) -> Path:
     """Counts of (true, predicted) test labels, with each class's accuracy on its row."""
-    plt = _pyplot()
+    plt = file_pyplot()
     counts = confusion.to(torch.int64)
     per_class = counts.diag().double() / counts.sum(dim=1).clamp(min=1)
     fig, ax = plt.subplots(figsize=(7, 6))
@@ -75,9 +76,9 @@ def prediction(probabilities: torch.Tensor, classes: list[str], image: torch.Ten
     backend: a window where a display exists.
     """
     if keep_open:
-        import matplotlib.pyplot as plt  # not _pyplot(): that one never opens a window
+        import matplotlib.pyplot as plt  # not file_pyplot(): that one never opens a window
     else:
-        plt = _pyplot()
+        plt = file_pyplot()
     probabilities = probabilities.detach().cpu().double()
     predicted = int(probabilities.argmax())
     colours = ["tab:blue"] * len(classes)

@@ -163,9 +163,9 @@ def plot_metric(rows: list[dict], metric: str, out: Path) -> Path | None:
     keys = swept_keys(rows)
     if not done or not keys:
         return None
-    from src.plots import _pyplot
+    from src.plots import file_pyplot
 
-    plt = _pyplot()
+    plt = file_pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
     for ax, key in zip(axes[0], keys):
         values = [row["swept"].get(key) for row in done]
