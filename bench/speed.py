@@ -1,7 +1,9 @@
 """Speed of the project's training against a hand-written PyTorch loop, measured side by side.
 
-    python bench/speed.py                 # epochs: both loops alternate, A/B/A/B, in one process
-    python bench/speed.py --mode process  # whole `python -m src.train` runs against bench/plain_train.py
+    python bench/speed.py                 # epochs, in one process: Lightning alone, then the project,
+                                          # each alternating A/B/A/B with a hand-written loop
+    python bench/speed.py --mode process  # whole `python -m src.train` runs against bench/plain_train.py,
+                                          # then the start-up and exit of what each imports
     python bench/speed.py --quick         # a few seconds, on generated data (what the test runs)
 
 Data: Fashion-MNIST from /usr/share/datasets/fashion-mnist when present (MNIST's shapes),
@@ -106,46 +108,90 @@ def step_profile(x, y, epochs: int = 2) -> dict[str, float]:
     return parts
 
 
-def epoch_mode(args) -> dict:
-    """Alternate one hand-written epoch and one project epoch, in one process, on the same tensors."""
+def alternate_with_hand_loop(x, y, fit) -> tuple[list[float], list[float]]:
+    """Run `fit(callback)`; before each of its epochs the callback runs one hand-written epoch,
+    so that both are timed A/B/A/B under the same conditions. Returns (hand, fit) epoch times."""
     import lightning as L
 
-    from src.data import MNISTDataModule
-    from src.train import train
-    from hydra import compose, initialize_config_dir
-
-    (x, y), (x_test, y_test), source = tensors(args.quick)
     hand = HandWrittenLoop(x, y)
-    hand_times, project_times = [], []
+    hand_times, fit_times = [], []
 
     class Interleave(L.Callback):
-        """Before each project epoch, run one hand-written epoch: A/B/A/B under the same conditions."""
-
         def on_train_epoch_start(self, trainer, pl_module):
             now = time.perf_counter()
             if hasattr(self, "started"):
-                project_times.append(now - self.started)
+                fit_times.append(now - self.started)
             hand_times.append(hand.run_epoch())
             self.started = time.perf_counter()
 
         def on_train_end(self, trainer, pl_module):
-            project_times.append(time.perf_counter() - self.started)
+            fit_times.append(time.perf_counter() - self.started)
 
-    # The project's real configuration and code path (progress bar, metrics, checkpoints), fed the same tensors.
+    fit(Interleave())
+    return hand_times, fit_times
+
+
+def fit_project(x, y, x_test, y_test, epochs: int):
+    """The project's real configuration and code path (progress bar, metrics, checkpoints), fed the same tensors."""
+    from hydra import compose, initialize_config_dir
+
+    from src.data import MNISTDataModule
+    from src.train import train
+
     def same_tensors(self, stage):
         self.train_xy, self.test_xy = (x, y), (x_test, y_test)
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"), \
-            tempfile.TemporaryDirectory() as run_dir, \
-            patch.object(MNISTDataModule, "setup", same_tensors), \
-            patch.object(MNISTDataModule, "prepare_data", lambda self: None):
-        cfg = compose("train", overrides=[f"trainer.max_epochs={args.epochs}", "trainer.accelerator=cpu"])
-        train(cfg, run_dir, callbacks=(Interleave(),))
-    steps = -(-len(x) // 128)
-    profile = step_profile(x, y)
-    hand_median, project_median = statistics.median(hand_times[1:]), statistics.median(project_times[1:])
-    return dict(source=source, epochs=args.epochs, steps=steps, hand=hand_median, project=project_median,
-                hand_all=hand_times, project_all=project_times, profile=profile)
+    def fit(callback):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"), \
+                tempfile.TemporaryDirectory() as run_dir, \
+                patch.object(MNISTDataModule, "setup", same_tensors), \
+                patch.object(MNISTDataModule, "prepare_data", lambda self: None):
+            cfg = compose("train", overrides=[f"trainer.max_epochs={epochs}", "trainer.accelerator=cpu"])
+            train(cfg, run_dir, callbacks=(callback,))
+    return fit
+
+
+def fit_lightning_alone(x, y, epochs: int):
+    """The hand-written loop's step inside a LightningModule, with everything optional switched
+    off (metrics, progress bar, logger, checkpoints, summary): what Lightning's loop alone costs."""
+    import lightning as L
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from src.data import EpochShuffle, TensorBatches
+
+    class HandWrittenStep(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False  # as in the project's module
+            self.net = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 10))
+
+        def training_step(self, batch, batch_idx):
+            optimizer = self.optimizers()
+            loss = F.cross_entropy(self.net(batch[0]), batch[1])
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+
+        def configure_optimizers(self):
+            return torch.optim.RMSprop(self.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)
+
+    def fit(callback):
+        trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, callbacks=[callback], logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(HandWrittenStep(), train_dataloaders=TensorBatches(x, y, 128, EpochShuffle(len(x), seed=0)))
+    return fit
+
+
+def epoch_mode(args) -> dict:
+    """Lightning alone, then the project, each alternating with hand-written epochs on the same tensors."""
+    (x, y), (x_test, y_test), source = tensors(args.quick)
+    runs = {"lightning": alternate_with_hand_loop(x, y, fit_lightning_alone(x, y, args.epochs)),
+            "project": alternate_with_hand_loop(x, y, fit_project(x, y, x_test, y_test, args.epochs))}
+    medians = {name: (statistics.median(hand[1:]), statistics.median(other[1:])) for name, (hand, other) in runs.items()}
+    return dict(source=source, epochs=args.epochs, steps=-(-len(x) // 128), runs=runs, medians=medians,
+                profile=step_profile(x, y))
 
 
 def peak_rss_mb(command: list[str], cwd: Path) -> tuple[float, float, str]:
@@ -167,6 +213,9 @@ def process_mode(args) -> dict:
     data = "data=fashion_mnist" if FASHION.is_dir() else None
     if data is None:
         raise SystemExit("error: --mode process needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+    from src.idx import prepare_files
+
+    prepare_files("fashion_mnist", ROOT / "data")  # where both commands read it
     epochs = 1 if args.quick else args.epochs
     results = {"project": [], "plain": []}
     with tempfile.TemporaryDirectory() as tmp:
@@ -183,6 +232,30 @@ def process_mode(args) -> dict:
             if args.keras_python:
                 results["keras"].append(peak_rss_mb(keras, ROOT))
     return results
+
+
+PLAIN_IMPORTS = "import torch, torchvision.datasets, matplotlib.pyplot"
+STARTUP = {
+    "bench/plain_train.py's imports (torch, torchvision.datasets, matplotlib.pyplot)": PLAIN_IMPORTS,
+    "the same and what src.train adds (hydra, lightning and with it torchmetrics)": f"{PLAIN_IMPORTS}, hydra, lightning",
+    "the same as plain_train.py and scipy.signal alone (torchmetrics imports it whenever SciPy is installed)":
+        f"{PLAIN_IMPORTS}, scipy.signal",
+}
+
+
+def startup_times(repeats: int) -> dict[str, float]:
+    """Median wall seconds of `python -c "import ..."` processes (start, imports, exit), alternating."""
+    import importlib.util
+
+    commands = {name: code for name, code in STARTUP.items()
+                if "scipy" not in code or importlib.util.find_spec("scipy") is not None}
+    walls: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(repeats):
+        for name, code in commands.items():
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True)
+            walls[name].append(time.perf_counter() - start)
+    return {name: statistics.median(w) for name, w in walls.items()}
 
 
 def main() -> None:
@@ -202,22 +275,24 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, python {platform.python_version()}")
     if args.mode == "epoch":
         r = epoch_mode(args)
+        hand_all = [t for hand, _ in r["runs"].values() for t in hand[1:]]
         print(f"# {r['source']}, batch 128, {r['steps']} steps per epoch, {r['epochs']} epochs, medians without epoch 1")
-        print("| training loop | s / epoch | steps / s | ratio |")
-        print("|---|---|---|---|")
-        print(f"| hand-written PyTorch | {r['hand']:.3f} | {r['steps'] / r['hand']:.0f} | 1.00 |")
-        print(f"| project (Lightning, bar, metrics, checkpoints) | {r['project']:.3f} | "
-              f"{r['steps'] / r['project']:.0f} | {r['project'] / r['hand']:.2f} |")
+        print("| training loop | s / epoch | steps / s | hand-written loop alongside, s / epoch | ratio |")
+        print("|---|---|---|---|---|")
+        print(f"| hand-written PyTorch | {statistics.median(hand_all):.3f} | "
+              f"{r['steps'] / statistics.median(hand_all):.0f} | | 1.00 |")
+        for name, label in (("lightning", "Lightning alone (the hand-written step, nothing optional switched on)"),
+                            ("project", "project (Lightning, bar, metrics, checkpoints)")):
+            hand, other = r["medians"][name]
+            print(f"| {label} | {other:.3f} | {r['steps'] / other:.0f} | {hand:.3f} | {other / hand:.2f} |")
         print("\n| one epoch of plain steps, by part | s |")
         print("|---|---|")
         for part, seconds in r["profile"].items():
             print(f"| {part} | {seconds:.3f} |")
-        steps_saved = r["profile"]["RMSprop step (torch.optim.RMSprop)"] - r["profile"][
-            "RMSprop step (this project's KerasRMSprop)"]
-        print(f"| Lightning's loop, metrics, bar and checkpoints (project - hand-written + the two steps' difference) | "
-              f"{r['project'] - r['hand'] + steps_saved:.3f} |")
-        print(f"\n# every epoch, hand: {[round(t, 3) for t in r['hand_all']]}")
-        print(f"# every epoch, project: {[round(t, 3) for t in r['project_all']]}")
+        print()
+        for name, (hand, other) in r["runs"].items():
+            print(f"# every epoch, {name} run: hand-written {[round(t, 3) for t in hand]}, "
+                  f"{name} {[round(t, 3) for t in other]}")
     else:
         r = process_mode(args)
         print("| whole process | median s | peak RSS MB | last line |")
@@ -230,6 +305,12 @@ def main() -> None:
         print(f"# ratio project / plain: {median['project'] / median['plain']:.2f}"
               + (f", project / keras: {median['project'] / median['keras']:.2f}" if "keras" in median else ""))
         print("# every run (s): " + "; ".join(f"{name} {[round(w, 2) for w, _, _ in runs]}" for name, runs in r.items()))
+        startup = startup_times(args.repeats)
+        plain_imports = startup[next(iter(STARTUP))]
+        print("\n| start-up and exit alone: `python -c \"import ...\"` | median s | more than plain's imports |")
+        print("|---|---|---|")
+        for name, seconds in startup.items():
+            print(f"| {name} | {seconds:.2f} | {seconds - plain_imports:+.2f} |")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The speed benchmark runs and reports both loops side by side (its figures are not asserted)."""
+"""The speed benchmark runs and reports each loop beside the hand-written one (its figures are not asserted)."""
 
 from __future__ import annotations
 
@@ -9,18 +9,30 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import FASHION, ROOT
 
 
 @pytest.mark.slow
-def test_quick_benchmark_reports_both_loops_and_their_ratio():
+def test_quick_benchmark_reports_each_loop_beside_the_hand_written_one():
     result = subprocess.run([sys.executable, "bench/speed.py", "--quick"], cwd=ROOT, capture_output=True, text=True,
                             timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-3000:]
-    hand = re.search(r"^\| hand-written PyTorch \| (\d+\.\d+) \| (\d+) \| 1\.00 \|$", result.stdout, re.M)
-    project = re.search(r"^\| project .*\| (\d+\.\d+) \| (\d+) \| (\d+\.\d+) \|$", result.stdout, re.M)
-    assert hand and project, result.stdout
-    ratio = float(project[1]) / float(hand[1])
-    assert float(project[3]) == pytest.approx(ratio, abs=0.011)
+    assert re.search(r"^\| hand-written PyTorch \| \d+\.\d+ \| \d+ \| \| 1\.00 \|$", result.stdout, re.M), result.stdout
+    for label in ("Lightning alone", "project"):
+        row = re.search(rf"^\| {label} .*\| (\d+\.\d+) \| \d+ \| (\d+\.\d+) \| (\d+\.\d+) \|$", result.stdout, re.M)
+        assert row, result.stdout
+        assert float(row[3]) == pytest.approx(float(row[1]) / float(row[2]), abs=0.011)
     assert "47 steps per epoch" in result.stdout  # 6000 generated images in batches of 128
     assert re.search(r"^\| backward \| \d+\.\d+ \|$", result.stdout, re.M)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist")
+def test_quick_process_benchmark_reports_both_processes_and_start_up():
+    result = subprocess.run([sys.executable, "bench/speed.py", "--mode", "process", "--quick"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("plain", "project"):
+        assert re.search(rf"^\| {name} \| \d+\.\d+ \| \d+ \| test_loss: \d", result.stdout, re.M), result.stdout
+    assert re.search(r"^# ratio project / plain: \d+\.\d+$", result.stdout, re.M)
+    assert re.search(r"^\| the same and what src\.train adds .*\| \d+\.\d+ \| [+-]\d+\.\d+ \|$", result.stdout, re.M)
