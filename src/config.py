@@ -115,7 +115,7 @@ class TrainConfig:
                f"expected one of {', '.join(metrics)}")
 
 
-ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+ConfigStore.instance().store(group="schema", name="train", node=TrainConfig, package="_global_")
 
 
 def sweep_metric(cfg) -> str:

@@ -50,8 +50,8 @@ class TuneConfig(TrainConfig):
     hparams_search: SearchConfig = field(default_factory=SearchConfig)
 
 
-# train.yaml composes onto "train_schema"; in this program that schema also has hparams_search.
-ConfigStore.instance().store(name="train_schema", node=TuneConfig)
+# hparams_search/optuna.yaml composes train.yaml with this schema in place of TrainConfig.
+ConfigStore.instance().store(group="schema", name="tune", node=TuneConfig, package="_global_")
 
 
 def search_space(params: dict, prefix: str = "") -> dict[str, dict]:

@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra import compose, initialize_config_dir
 
 from src.sweep import last_metrics
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import CONF, ROOT, compose_train
 
 
 def run(module: str, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -173,6 +173,17 @@ def test_optuna_search_prunes_and_resumes(tiny_data, tmp_path):
     assert len({json.dumps(t.params, sort_keys=True) for t in study.trials}) == 6  # the resumed run drew new points
     assert sorted(p.name for p in study_dir.glob("trial_*")) == [f"trial_{n}" for n in range(6)]
     assert f"best trial {study.best_trial.number}:" in again.stdout
+
+
+def test_the_search_schema_stays_out_of_training_configs():
+    import src.tune  # noqa: F401 - registers the search's schema in this process
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        search = compose(config_name="hparams_search/optuna", overrides=["data=fashion_mnist"])
+    train = compose_train("data=fashion_mnist")
+    assert OmegaConf.get_type(search).__name__ == "TuneConfig" and search.data.val_size == 10000
+    assert OmegaConf.get_type(train).__name__ == "TrainConfig" and "hparams_search" not in train
 
 
 def test_optuna_search_refuses_to_tune_on_the_test_set(tmp_path):
