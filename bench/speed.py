@@ -45,6 +45,13 @@ def tensors(quick: bool):
     return make(n_train), make(n_test), f"generated data ({n_train} images)"
 
 
+def torch_rmsprop(parameters):
+    """torch's own RMSprop with Keras's settings, as a hand-written loop would use it."""
+    import torch
+
+    return torch.optim.RMSprop(parameters, lr=1e-3, alpha=0.9, eps=1e-7)
+
+
 class HandWrittenLoop:
     """The baseline: the few lines anyone would write in plain PyTorch for the Keras program."""
 
@@ -54,7 +61,7 @@ class HandWrittenLoop:
 
         torch.manual_seed(seed)
         self.model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 10))
-        self.optimizer = torch.optim.RMSprop(self.model.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)
+        self.optimizer = torch_rmsprop(self.model.parameters())
         self.x, self.y, self.batch_size, self.epoch = x, y, batch_size, 0
 
     def run_epoch(self) -> float:
@@ -83,8 +90,7 @@ def step_profile(x, y, epochs: int = 2) -> dict[str, float]:
 
     parts: dict[str, float] = {}
     for name, make_optimizer in (("RMSprop step (this project's KerasRMSprop)", KerasRMSprop),
-                                 ("RMSprop step (torch.optim.RMSprop)",
-                                  lambda p: torch.optim.RMSprop(p, lr=1e-3, alpha=0.9, eps=1e-7))):
+                                 ("RMSprop step (torch.optim.RMSprop)", torch_rmsprop)):
         net = build_mlp()
         optimizer = make_optimizer(net.parameters())
         for _ in range(epochs):
@@ -155,9 +161,7 @@ def fit_lightning_alone(x, y, epochs: int):
     """The hand-written loop's step inside a LightningModule, with everything optional switched
     off (metrics, progress bar, logger, checkpoints, summary): what Lightning's loop alone costs."""
     import lightning as L
-    import torch
     import torch.nn.functional as F
-    from torch import nn
 
     from src.data import EpochShuffle, TensorBatches
 
@@ -165,7 +169,7 @@ def fit_lightning_alone(x, y, epochs: int):
         def __init__(self):
             super().__init__()
             self.automatic_optimization = False  # as in the project's module
-            self.net = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 10))
+            self.net = HandWrittenLoop(x, y).model
 
         def training_step(self, batch, batch_idx):
             optimizer = self.optimizers()
@@ -175,7 +179,7 @@ def fit_lightning_alone(x, y, epochs: int):
             optimizer.step()
 
         def configure_optimizers(self):
-            return torch.optim.RMSprop(self.parameters(), lr=1e-3, alpha=0.9, eps=1e-7)
+            return torch_rmsprop(self.parameters())
 
     def fit(callback):
         trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, callbacks=[callback], logger=False,
