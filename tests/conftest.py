@@ -53,9 +53,14 @@ def tiny_data(tmp_path) -> Path:
     return write_dataset(tmp_path / "data")
 
 
-def compose_train(*overrides: str):
+def compose_config(name: str, *overrides: str):
+    """conf/NAME.yaml composed as its entry point would compose it, in-process."""
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def compose_train(*overrides: str):
+    return compose_config("train", *overrides)
 
 
 @pytest.fixture(autouse=True)

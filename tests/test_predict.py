@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from PIL import Image, ImageDraw, ImageOps
 
 from src.config import UserError
@@ -21,14 +20,9 @@ from src.idx import load_split, prepare_files
 from src.model import MNISTClassifier
 from src.predict import load_model, predict, read_image
 from src.train import train
-from tests.conftest import CONF, MNIST_T10K, ROOT, compose_train, make_digits, write_dataset, write_idx
+from tests.conftest import MNIST_T10K, ROOT, compose_config, compose_train, make_digits, write_dataset, write_idx
 
 HIDDEN = 16  # not the default 512: predict must rebuild the model from the checkpoint alone
-
-
-def compose_predict(*overrides: str):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="predict", overrides=list(overrides))
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +47,7 @@ def workdir(tmp_path, monkeypatch, trained) -> Path:
 
 
 def run_predict(*overrides: str):
-    return predict(compose_predict(*overrides), Path.cwd() / "predict_run")
+    return predict(compose_config("predict", *overrides), Path.cwd() / "predict_run")
 
 
 def parse(out: str) -> list[dict]:

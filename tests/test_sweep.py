@@ -15,10 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from src.sweep import last_metrics
-from tests.conftest import CONF, ROOT, compose_train
+from tests.conftest import ROOT, compose_config, compose_train
 
 
 def run(module: str, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -179,8 +178,7 @@ def test_the_search_schema_stays_out_of_training_configs():
     import src.tune  # noqa: F401 - registers the search's schema in this process
     from omegaconf import OmegaConf
 
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        search = compose(config_name="hparams_search/optuna", overrides=["data=fashion_mnist"])
+    search = compose_config("hparams_search/optuna", "data=fashion_mnist")
     train = compose_train("data=fashion_mnist")
     assert OmegaConf.get_type(search).__name__ == "TuneConfig" and search.data.val_size == 10000
     assert OmegaConf.get_type(train).__name__ == "TrainConfig" and "hparams_search" not in train
