@@ -219,8 +219,13 @@ def run_hydra(hydra_main) -> None:
         print(f"error: {_one_line(error)}", file=sys.stderr)
         sys.exit(1)
     finally:
-        if os.environ.pop(_ONE_LINE, None):
-            os.environ.pop("HYDRA_FULL_ERROR", None)
+        _stop_one_line_errors()
+
+
+def _stop_one_line_errors() -> None:
+    """Give HYDRA_FULL_ERROR back to the user, if run_hydra set it (once: the first caller does it)."""
+    if os.environ.pop(_ONE_LINE, None):
+        os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
 def exit_on_user_error(task):
@@ -232,8 +237,7 @@ def exit_on_user_error(task):
 
     @functools.wraps(task)
     def wrapper(*args, **kwargs):
-        if os.environ.pop(_ONE_LINE, None):  # composed: bugs in the task keep Hydra's usual report
-            os.environ.pop("HYDRA_FULL_ERROR", None)
+        _stop_one_line_errors()  # composed: bugs in the task keep Hydra's usual report
         try:
             return task(*args, **kwargs)
         except UserError as error:
