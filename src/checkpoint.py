@@ -6,12 +6,13 @@ Kept free of Lightning so that `python -m src.predict` starts quickly.
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from pathlib import Path
 
 import torch
 
-from src.config import UserError
+from src.config import UserError, one_line
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -25,12 +26,14 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).splitlines()[0] if str(error) else "unsafe content"
+        # PyTorch's message runs over many lines (with terminal escape codes); the blocked name says it all.
+        blocked = re.search(r"GLOBAL ([\w.]+)", str(error))
+        reason = f"it would call or build {blocked.group(1)}" if blocked else one_line(error)[:160] or "unsafe content"
         raise UserError(f"ckpt_path={str(path)!r} was refused: it holds more than tensors and plain values "
-                        f"and is not loaded ({reason[:160]})") from None
+                        f"and is not loaded ({reason})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as error:
         raise UserError(f"ckpt_path={str(path)!r} is not a checkpoint this program can read "
-                        f"({str(error).splitlines()[0][:160] if str(error) else type(error).__name__})") from None
+                        f"({one_line(str(error).splitlines()[0])[:160] if str(error) else type(error).__name__})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise UserError(f"ckpt_path={str(path)!r} is not a checkpoint of this program: "
                         "expected a Lightning checkpoint written by python -m src.train")

@@ -24,6 +24,16 @@ class UserError(Exception):
     """Bad input: reported as one line and a non-zero exit, never as a traceback."""
 
 
+# Terminal escape sequences (colours, bold: PyTorch's weights_only message has them) and other
+# control characters, which foreign text may carry into an error line.
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def one_line(text: object) -> str:
+    """Text fit for a one-line error: escape codes and control characters removed, whitespace collapsed."""
+    return " ".join(_ESCAPES.sub("", str(text)).split())
+
+
 def _check(ok: bool, key: str, value: Any, valid: str) -> None:
     if not ok:
         raise UserError(f"{key}={value!r} is not valid: {valid}")
@@ -210,13 +220,20 @@ def run_hydra(hydra_main) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from src.extras import check_launcher
+
+    try:
+        check_launcher(sys.argv[1:])  # before Hydra, which would only say it cannot find the launcher
+    except UserError as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        sys.exit(1)
     if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for full tracebacks
         return hydra_main()
     os.environ["HYDRA_FULL_ERROR"] = os.environ[_ONE_LINE] = "1"
     try:
         return hydra_main()
     except (HydraException, OmegaConfBaseException) as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+        print(f"error: {one_line(_one_line(error))}", file=sys.stderr)
         sys.exit(1)
     finally:
         _stop_one_line_errors()
@@ -246,7 +263,7 @@ def exit_on_user_error(task):
 
             if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
                 raise
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {one_line(error)}", file=sys.stderr)
             sys.exit(1)
 
     return wrapper

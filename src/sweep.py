@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from src.config import sweep_metric
+from src.config import one_line, sweep_metric
 
 RESULT_FILE = "result.json"
 COLUMNS = ("job", "overrides", "status", "val/acc", "test/acc", "epochs", "wall_s", "checkpoint", "error")
@@ -196,5 +196,5 @@ def _number(value: Any) -> float | None:
 def _one_line(error: BaseException | None) -> str:
     if error is None:
         return ""
-    text = " ".join(str(error).split())
+    text = one_line(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -3,6 +3,7 @@ damaged files and untrusted checkpoints. Each test fails without the protection 
 
 from __future__ import annotations
 
+import fractions
 import hashlib
 import multiprocessing
 import os
@@ -15,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.config import UserError
+from src.checkpoint import load_checkpoint
+from src.config import UserError, one_line
 from src.idx import IDX_FILES, DataError, load_split, prepare_files, raw_folder
 from src.model import DivergedError, MNISTClassifier
 from src.train import train
@@ -211,9 +213,25 @@ def test_checkpoint_whose_pickle_runs_code_is_refused_and_never_runs(tiny_data, 
     evil, marker = tmp_path / "evil.ckpt", tmp_path / "payload-ran"
     subprocess.run([sys.executable, "-c", PAYLOAD.format(marker=marker, path=evil)], check=True)
     assert evil.is_file() and not marker.exists()
-    with pytest.raises(UserError, match="was refused"):
+    with pytest.raises(UserError, match="was refused") as refused:
         train(tiny_run(tiny_data, f"ckpt_path={evil}"), tmp_path / "run")
     assert not marker.exists(), "the checkpoint's payload ran"
+    assert "(it would call or build posix.system)" in str(refused.value)
+
+
+def test_refusing_a_checkpoint_names_what_it_would_build_without_pytorchs_escape_codes(tmp_path):
+    # For a class (not a function), PyTorch's refusal has bold-on and bold-off escape codes.
+    path = tmp_path / "fraction.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {}, "x": fractions.Fraction(1, 3)}, path)
+    with pytest.raises(UserError) as refused:
+        load_checkpoint(path)
+    assert str(refused.value).endswith("was refused: it holds more than tensors and plain values and is not loaded "
+                                       "(it would call or build fractions.Fraction)")
+    assert not any(c < " " for c in str(refused.value))
+
+
+def test_foreign_text_in_an_error_line_loses_escape_codes_and_control_characters():
+    assert one_line("two options, \x1b[1mdo those steps\x1b[0m.\n  next\tline\x07") == "two options, do those steps. next line"
 
 
 def test_checkpoint_of_another_architecture_gets_a_clear_error(tiny_data, tmp_path):
