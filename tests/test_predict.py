@@ -18,7 +18,8 @@ from PIL import Image, ImageDraw, ImageOps
 from src.config import UserError
 from src.idx import load_split, prepare_files
 from src.model import MNISTClassifier
-from src.predict import load_model, predict, read_image
+from src.inference import load_model, read_image
+from src.predict import predict
 from src.train import train
 from tests.conftest import MNIST_T10K, ROOT, compose_config, compose_train, make_digits, write_dataset, write_idx
 
@@ -317,7 +318,7 @@ def test_a_model_reads_users_pictures_about_as_well_as_the_originals(tmp_path, m
     write_idx(data / "t10k-labels-idx1-ubyte.gz", labels[9000:])
     train(compose_train(f"data.data_dir={data}", "trainer.max_epochs=3", "trainer.accelerator=cpu",
                         "model.hidden=128"), tmp_path / "run")
-    model, _, _ = load_model(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    model = load_model(tmp_path / "run" / "checkpoints" / "last.ckpt").net
 
     held_out, truth = images[9000:9300], torch.from_numpy(labels[9000:9300].astype(np.int64))
     pictures = torch.stack([read_image(as_users_picture(d, tmp_path / f"{k}.png", k)) for k, d in enumerate(held_out)])
