@@ -22,6 +22,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from src.config import TrainConfig, UserError, exit_on_user_error, run_hydra, validated
+from src.extras import require
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ def suggest(trial, space: dict) -> dict[str, Any]:
 
 def tune(cfg: DictConfig, study_dir: str | Path):
     """Run the study in study_dir until it holds n_trials finished trials; return it."""
+    require("sweep", "python -m src.tune", "optuna", "optuna_integration")
     config = validated(cfg)
     search = config.hparams_search
     if config.data.val_size <= 0:
