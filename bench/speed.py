@@ -3,7 +3,8 @@
     python bench/speed.py                 # epochs, in one process: Lightning alone, then the project,
                                           # each alternating A/B/A/B with a hand-written loop
     python bench/speed.py --mode process  # whole `python -m src.train` runs against bench/plain_train.py,
-                                          # then the start-up and exit of what each imports
+                                          # then the start-up and exit of what each imports, in a venv
+                                          # holding only the project's base dependencies (.benchmarks/base-venv)
     python bench/speed.py --quick         # a few seconds, on generated data (what the test runs)
 
 Data: Fashion-MNIST from /usr/share/datasets/fashion-mnist when present (MNIST's shapes),
@@ -198,6 +199,28 @@ def epoch_mode(args) -> dict:
                 profile=step_profile(x, y))
 
 
+BASE_VENV = ROOT / ".benchmarks" / "base-venv"
+
+
+def base_python(venv: Path = BASE_VENV) -> str:
+    """The Python of a virtual environment holding the project and its base dependencies alone, as a
+    user's fresh `pip install -e .` gives them (made on first use, then reused).
+
+    What else is installed changes start-up: with SciPy present, torchmetrics imports scipy.signal
+    at start-up, and a Python with many packages (or the test extras) is not what users run."""
+    python = venv / "bin" / "python"
+    if not python.is_file():
+        print(f"# making {venv} (python -m venv, then pip install -e . with no extras)", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-e", str(ROOT)], check=True)
+    return str(python)
+
+
+def has_scipy(python: str) -> bool:
+    code = "import importlib.util, sys; sys.exit(importlib.util.find_spec('scipy') is None)"
+    return subprocess.run([python, "-c", code]).returncode == 0
+
+
 def peak_rss_mb(command: list[str], cwd: Path) -> tuple[float, float, str]:
     """Run a command; return (wall seconds, peak resident MB, last stdout line)."""
     start = time.perf_counter()
@@ -223,9 +246,9 @@ def process_mode(args) -> dict:
     epochs = 1 if args.quick else args.epochs
     results = {"project": [], "plain": []}
     with tempfile.TemporaryDirectory() as tmp:
-        project = [sys.executable, "-m", "src.train", data, f"trainer.max_epochs={epochs}",
+        project = [args.python, "-m", "src.train", data, f"trainer.max_epochs={epochs}",
                    f"hydra.run.dir={tmp}/project"]
-        plain = [sys.executable, str(ROOT / "bench" / "plain_train.py"), f"--epochs={epochs}", f"--out={tmp}/plain"]
+        plain = [args.python, str(ROOT / "bench" / "plain_train.py"), f"--epochs={epochs}", f"--out={tmp}/plain"]
         keras = [args.keras_python, str(ROOT / "bench" / "keras_original.py"), f"--epochs={epochs}",
                  f"--out={tmp}/keras"]
         if args.keras_python:
@@ -247,17 +270,15 @@ STARTUP = {
 }
 
 
-def startup_times(repeats: int) -> dict[str, float]:
+def startup_times(python: str, repeats: int) -> dict[str, float]:
     """Median wall seconds of `python -c "import ..."` processes (start, imports, exit), alternating."""
-    import importlib.util
-
-    commands = {name: code for name, code in STARTUP.items()
-                if "scipy" not in code or importlib.util.find_spec("scipy") is not None}
+    scipy = has_scipy(python)
+    commands = {name: code for name, code in STARTUP.items() if "scipy" not in code or scipy}
     walls: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(repeats):
         for name, code in commands.items():
             start = time.perf_counter()
-            subprocess.run([sys.executable, "-c", code], check=True)
+            subprocess.run([python, "-c", code], check=True)
             walls[name].append(time.perf_counter() - start)
     return {name: statistics.median(w) for name, w in walls.items()}
 
@@ -270,6 +291,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small and fast: generated data, 3 epochs")
     parser.add_argument("--keras-python", help="process mode: also time the Keras original with this Python "
                         "(one that has TensorFlow)")
+    parser.add_argument("--python", help="process mode: the Python that runs the project and the plain script "
+                        f"(default: a venv with the base dependencies alone, {BASE_VENV.relative_to(ROOT)})")
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.repeats = 3, 1
@@ -298,6 +321,11 @@ def main() -> None:
             print(f"# every epoch, {name} run: hand-written {[round(t, 3) for t in hand]}, "
                   f"{name} {[round(t, 3) for t in other]}")
     else:
+        args.python = args.python or base_python()
+        version = subprocess.run([args.python, "-c", "import platform, torch, lightning; print(platform.python_version(), "
+                                  "torch.__version__, lightning.__version__)"], capture_output=True, text=True, check=True)
+        print(f"# processes run by {args.python} (python, torch, lightning: {version.stdout.strip()}); "
+              f"scipy importable there: {'yes' if has_scipy(args.python) else 'no'}")
         r = process_mode(args)
         print("| whole process | median s | peak RSS MB | last line |")
         print("|---|---|---|---|")
@@ -309,7 +337,7 @@ def main() -> None:
         print(f"# ratio project / plain: {median['project'] / median['plain']:.2f}"
               + (f", project / keras: {median['project'] / median['keras']:.2f}" if "keras" in median else ""))
         print("# every run (s): " + "; ".join(f"{name} {[round(w, 2) for w, _, _ in runs]}" for name, runs in r.items()))
-        startup = startup_times(args.repeats)
+        startup = startup_times(args.python, args.repeats)
         plain_imports = startup[next(iter(STARTUP))]
         print("\n| start-up and exit alone: `python -c \"import ...\"` | median s | more than plain's imports |")
         print("|---|---|---|")
