@@ -55,11 +55,13 @@ def export(cfg: DictConfig) -> Path:
         ckpt_path, source = newest_checkpoint(), f"the newest last.ckpt under {', '.join(f + '/' for f in RUN_FOLDERS)}"
     model = load_model(ckpt_path)
     target = Path(config.out) if config.out is not None else ckpt_path.parent / FILE_NAMES[config.format]
-    what = f"out={config.out!r}" if config.out is not None else f"{target} (beside the checkpoint; give out=FILE)"
+    what = f"out={config.out!r}" if config.out is not None else f"{target} (the default, beside the checkpoint)"
+    if target.resolve() == ckpt_path.resolve():
+        raise UserError(f"{what} is the checkpoint itself: give another file to write the model to")
     with _written_in_one_step(target, what, FILE_NAMES[config.format]) as partial:
         print(f"checkpoint: {ckpt_path} ({source}; hidden={model.hparams['hidden']}, "
               f"trained on {model.dataset or 'unknown data'})")
-        images, described = _parity_images(ckpt_path, model, config)
+        images, described = _parity_images(model, config)
         wrapped = Probabilities(model.net).eval()
         if config.format == "onnx":
             summary = _write_onnx(wrapped, model, partial)
@@ -81,10 +83,11 @@ def _written_in_one_step(target: Path, what: str, example_name: str):
     try:
         handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
     except OSError as error:
-        reason = ("its folder does not exist" if isinstance(error, FileNotFoundError) else
+        reason = (f"the folder {target.parent} does not exist" if isinstance(error, FileNotFoundError) else
                   f"{target.parent} is not a folder" if isinstance(error, NotADirectoryError) else
                   f"{target.parent} is not writable ({error.strerror})")
-        raise UserError(f"{what} cannot be written: {reason}") from None
+        hint = "" if what.startswith("out=") else "; give out=FILE"
+        raise UserError(f"{what} cannot be written: {reason}{hint}") from None
     os.close(handle)
     partial = Path(name)
     umask = os.umask(0o022)
@@ -97,7 +100,7 @@ def _written_in_one_step(target: Path, what: str, example_name: str):
         partial.unlink(missing_ok=True)
 
 
-def _parity_images(ckpt_path: Path, model: LoadedModel, config: ExportConfig) -> tuple[torch.Tensor, str]:
+def _parity_images(model: LoadedModel, config: ExportConfig) -> tuple[torch.Tensor, str]:
     """The first 1000 images of the checkpoint's test split, prepared as in training, when its files
     are on this machine; else 1000 random images in [0, 1], which still compare the two models."""
     from src.idx import DATASET_CLASSES, _complete, _find_local_copy, load_split, prepare_files, raw_folder
@@ -114,8 +117,9 @@ def _parity_images(ckpt_path: Path, model: LoadedModel, config: ExportConfig) ->
         raise UserError(f"data_dir={config.data_dir!r} does not hold {expected}: the checkpoint was trained on "
                         f"{name or 'unknown data'}; leave data_dir out to check on random images")
     images = torch.rand(PARITY_IMAGES, 28 * 28, generator=torch.Generator().manual_seed(0))
-    missing = f"no {name} files in {data_dir}/, give data_dir=DIR" if name in DATASET_CLASSES else "unknown dataset"
-    return images, f"{PARITY_IMAGES} random images in [0, 1] ({missing} to check on the test split)"
+    why = (f"no {name} files in {data_dir}/: give data_dir=DIR to check on the test split" if name in DATASET_CLASSES
+           else "the checkpoint does not record its dataset")
+    return images, f"{PARITY_IMAGES} random images in [0, 1] ({why})"
 
 
 def _metadata(model: LoadedModel) -> dict[str, str]:

@@ -112,7 +112,8 @@ def test_torchscript_model_agrees_with_pytorch(workdir, trained, capsys):
     assert not (trained.parent / "model.pt").exists()
 
     extra = {"dataset": "", "classes": ""}
-    loaded = torch.jit.load(str(path), _extra_files=extra)
+    with pytest.warns(FutureWarning, match="deprecated"):  # PyTorch 2.14 warns on TorchScript; the README says so
+        loaded = torch.jit.load(str(path), _extra_files=extra)
     assert extra["dataset"] == b"mnist" and json.loads(extra["classes"]) == [str(k) for k in range(10)]
     x = parity_set(trained)
     with torch.no_grad():
@@ -128,7 +129,7 @@ def test_without_the_data_parity_is_checked_on_random_images(workdir, trained, c
     checkpoint["datamodule_hyper_parameters"]["data_dir"] = str(workdir / "gone")  # trained on another machine
     torch.save(checkpoint, workdir / "elsewhere.ckpt")
     run_export("ckpt_path=elsewhere.ckpt")
-    assert (f"parity on 1000 random images in [0, 1] (no mnist files in {workdir / 'gone'}/, give data_dir=DIR "
+    assert (f"parity on 1000 random images in [0, 1] (no mnist files in {workdir / 'gone'}/: give data_dir=DIR "
             "to check on the test split): max |onnxruntime - PyTorch|") in capsys.readouterr().out
     assert (workdir / "model.onnx").is_file()
 
@@ -137,6 +138,14 @@ def test_without_the_data_parity_is_checked_on_random_images(workdir, trained, c
     with pytest.raises(UserError, match=r"data_dir='gone' does not hold the mnist test split"):
         run_export("ckpt_path=elsewhere.ckpt", "data_dir=gone", "out=other.onnx")
     assert not (workdir / "other.onnx").exists()
+
+    del checkpoint["datamodule_hyper_parameters"]  # a checkpoint that does not say what it was trained on
+    torch.save(checkpoint, workdir / "anonymous.ckpt")
+    run_export("ckpt_path=anonymous.ckpt", "out=anonymous.onnx")
+    assert ("parity on 1000 random images in [0, 1] (the checkpoint does not record its dataset): "
+            in capsys.readouterr().out)
+    metadata = {p.key: p.value for p in onnx.load(workdir / "anonymous.onnx").metadata_props}
+    assert metadata["dataset"] == "unknown" and json.loads(metadata["classes"]) == [str(k) for k in range(10)]
 
 
 @pytest.mark.parametrize("fmt, runner", [("onnx", "_run_onnx"), ("torchscript", "_run_torchscript")])
@@ -167,7 +176,8 @@ BAD_INPUTS = [
     (["format=keras"], "format='keras' is not valid: expected one of onnx, torchscript"),
     (["out="], "out='' is not valid: expected the path of the file to write"),
     (["out=a_folder"], "out='a_folder' is a folder: give the path of the file to write, e.g. out=a_folder/model.onnx"),
-    (["out=no/such/model.onnx"], "out='no/such/model.onnx' cannot be written: its folder does not exist"),
+    (["out=no/such/model.onnx"], "out='no/such/model.onnx' cannot be written: the folder no/such does not exist"),
+    (["out=outputs/2026-01-01/12-00-00/checkpoints/last.ckpt"], "is the checkpoint itself: give another file"),
     (["out=a_file/model.onnx"], "out='a_file/model.onnx' cannot be written: a_file is not a folder"),
     (["format=torchscript", "out=a_folder"], "out='a_folder' is a folder: give the path of the file to write, "
                                              "e.g. out=a_folder/model.pt"),
