@@ -234,6 +234,7 @@ def test_command_line_run_and_bad_input_exit_codes(workdir):
     assert ok.returncode == 0, ok.stderr
     assert "same class for 1000/1000" in ok.stdout and ok.stderr == ""
     assert (workdir / "outputs" / "2026-01-01" / "12-00-00" / "checkpoints" / "model.onnx").is_file()
+    assert files_in(workdir) == ["outputs"] and files_in(workdir / "outputs") == ["2026-01-01"]  # Hydra writes nothing
     write_files(workdir)
     for args, message in ((["format=keras"], "error: format='keras' is not valid: expected one of onnx, torchscript"),
                           (["ckpt_path=text.ckpt"], "error: ckpt_path='text.ckpt' is not a checkpoint: expected a "
