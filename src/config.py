@@ -162,6 +162,26 @@ class PredictConfig:
 ConfigStore.instance().store(name="predict_schema", node=PredictConfig)
 
 
+EXPORT_FORMATS = ("onnx", "torchscript")
+
+
+@dataclass
+class ExportConfig:
+    ckpt_path: Optional[str] = None  # None: the newest last.ckpt under outputs/ and multirun/
+    format: str = "onnx"
+    out: Optional[str] = None  # None: model.onnx (model.pt for torchscript) beside the checkpoint
+    data_dir: Optional[str] = None  # the test images of the parity check; None: the folder the training run read
+
+    def __post_init__(self) -> None:
+        _check(self.format in EXPORT_FORMATS, "format", self.format, f"expected one of {', '.join(EXPORT_FORMATS)}")
+        _check(self.out is None or self.out.strip() != "", "out", self.out, "expected the path of the file to write")
+        _check(self.data_dir is None or self.data_dir.strip() != "", "data_dir", self.data_dir,
+               "expected a folder holding the dataset's files")
+
+
+ConfigStore.instance().store(name="export_schema", node=ExportConfig)
+
+
 def validated(cfg):
     """The composed config as its schema's dataclass, every value checked.
 

@@ -1,0 +1,311 @@
+"""`python -m src.export`: an ONNX or TorchScript model that agrees with the checkpoint's network,
+files put in place whole or not at all, one-line errors, the `export` extra, and the README's
+onnxruntime snippet run as written."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from src.config import UserError
+from src.export import export
+from src.idx import load_split, prepare_files
+from src.inference import load_model
+from src.train import train
+from tests.conftest import MNIST_T10K, ROOT, compose_config, compose_train, write_dataset, write_idx
+from tests.test_extras import run_without
+
+onnx = pytest.importorskip("onnx")
+onnxruntime = pytest.importorskip("onnxruntime")
+
+HIDDEN = 16
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """last.ckpt of a tiny run (600 training images, 2 epochs) whose data folder holds 1000 test images."""
+    root = tmp_path_factory.mktemp("trained")
+    data = write_dataset(root / "data", n_test=1000)
+    train(compose_train(f"data.data_dir={data}", "trainer.max_epochs=2", "trainer.accelerator=cpu",
+                        f"model.hidden={HIDDEN}", "trainer.enable_progress_bar=false"), root / "run")
+    return root / "run" / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch, trained) -> Path:
+    """A working directory whose outputs/ holds one training run, as after `python -m src.train`."""
+    run = tmp_path / "outputs" / "2026-01-01" / "12-00-00" / "checkpoints"
+    run.mkdir(parents=True)
+    shutil.copy(trained, run / "last.ckpt")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run_export(*overrides: str) -> Path:
+    return export(compose_config("export", *overrides))
+
+
+def parity_set(trained) -> torch.Tensor:
+    data = torch.load(trained, weights_only=True)["datamodule_hyper_parameters"]
+    x, _ = load_split(data["name"], str(prepare_files(data["name"], data["data_dir"])), train=False)
+    return x
+
+
+def files_in(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_onnx_model_beside_the_newest_checkpoint_agrees_with_pytorch(workdir, trained, capsys):
+    path = run_export()
+    folder = Path("outputs/2026-01-01/12-00-00/checkpoints")
+    assert path == folder / "model.onnx" and files_in(folder) == ["last.ckpt", "model.onnx"]  # no temporary left
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # readable as any file the user writes
+    out = capsys.readouterr().out
+    assert "checkpoint: outputs/2026-01-01/12-00-00/checkpoints/last.ckpt (the newest last.ckpt" in out
+    assert re.search(r"parity on the first 1000 mnist test images \(from .*/\): max \|onnxruntime - PyTorch\| = "
+                     r"\d\.\de-\d\d \(limit 1e-05\), same class for 1000/1000\n", out), out
+    assert f"exported: {path} (ONNX opset " in out and "images float32 (batch, 784) -> probabilities float32 (batch, 10)" in out
+    assert not (workdir / ".hydra").exists() and files_in(workdir) == ["outputs"]  # the command writes nothing else
+
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto, full_check=True)
+    [images], [probabilities] = proto.graph.input, proto.graph.output
+    dims = lambda value: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]  # noqa: E731
+    assert (images.name, probabilities.name) == ("images", "probabilities")
+    assert images.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert isinstance(dims(images)[0], str) and dims(images) == [dims(images)[0], 784]  # a symbolic batch size
+    assert dims(probabilities) == [dims(images)[0], 10]
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    assert metadata["dataset"] == "mnist" and json.loads(metadata["classes"]) == [str(k) for k in range(10)]
+
+    # Checked here too, not only by the command: any batch size, PyTorch's probabilities, the same classes.
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_modelmeta().custom_metadata_map["dataset"] == "mnist"
+    model = load_model(trained)
+    x = parity_set(trained)
+    for batch in (x[:1], x[1:8], x):
+        [got] = session.run(None, {"images": batch.numpy()})
+        expected = model.probabilities(batch).numpy()
+        assert got.shape == (len(batch), 10)
+        assert np.abs(got - expected).max() <= 1e-5 and (got.argmax(1) == expected.argmax(1)).all()
+    assert np.allclose(got.sum(axis=1), 1, atol=1e-5)
+
+
+def test_torchscript_model_agrees_with_pytorch(workdir, trained, capsys):
+    (workdir / "exported").mkdir()
+    path = run_export(f"ckpt_path={trained}", "format=torchscript", "out=exported/digits.pt")
+    assert path == Path("exported/digits.pt") and files_in(workdir / "exported") == ["digits.pt"]
+    out = capsys.readouterr().out
+    assert "max |torch.jit.load - PyTorch|" in out and "same class for 1000/1000" in out
+    assert not (trained.parent / "model.pt").exists()
+
+    extra = {"dataset": "", "classes": ""}
+    with pytest.warns(FutureWarning, match="deprecated"):  # PyTorch 2.14 warns on TorchScript; the README says so
+        loaded = torch.jit.load(str(path), _extra_files=extra)
+    assert extra["dataset"] == b"mnist" and json.loads(extra["classes"]) == [str(k) for k in range(10)]
+    x = parity_set(trained)
+    with torch.no_grad():
+        for batch in (x[:1], x[:333]):
+            expected = load_model(trained).probabilities(batch)
+            assert (loaded(batch) - expected).abs().max() <= 1e-5
+            assert torch.equal(loaded(batch).argmax(1), expected.argmax(1))
+
+
+def test_without_the_data_parity_is_checked_on_random_images(workdir, trained, capsys):
+    checkpoint = torch.load(trained, weights_only=True)
+    data_dir = checkpoint["datamodule_hyper_parameters"]["data_dir"]
+    checkpoint["datamodule_hyper_parameters"]["data_dir"] = str(workdir / "gone")  # trained on another machine
+    torch.save(checkpoint, workdir / "elsewhere.ckpt")
+    run_export("ckpt_path=elsewhere.ckpt")
+    assert (f"parity on 1000 random images in [0, 1] (no mnist files in {workdir / 'gone'}/: give data_dir=DIR "
+            "to check on the test split): max |onnxruntime - PyTorch|") in capsys.readouterr().out
+    assert (workdir / "model.onnx").is_file()
+
+    run_export("ckpt_path=elsewhere.ckpt", f"data_dir={data_dir}")  # pointed at the data: its test split
+    assert f"parity on the first 1000 mnist test images (from {data_dir}/)" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"data_dir='gone' does not hold the mnist test split"):
+        run_export("ckpt_path=elsewhere.ckpt", "data_dir=gone", "out=other.onnx")
+    assert not (workdir / "other.onnx").exists()
+
+    del checkpoint["datamodule_hyper_parameters"]  # a checkpoint that does not say what it was trained on
+    torch.save(checkpoint, workdir / "anonymous.ckpt")
+    run_export("ckpt_path=anonymous.ckpt", "out=anonymous.onnx")
+    assert ("parity on 1000 random images in [0, 1] (the checkpoint does not record its dataset): "
+            in capsys.readouterr().out)
+    metadata = {p.key: p.value for p in onnx.load(workdir / "anonymous.onnx").metadata_props}
+    assert metadata["dataset"] == "unknown" and json.loads(metadata["classes"]) == [str(k) for k in range(10)]
+
+
+@pytest.mark.parametrize("fmt, runner", [("onnx", "_run_onnx"), ("torchscript", "_run_torchscript")])
+def test_a_failed_parity_check_writes_nothing_and_keeps_the_old_file(workdir, monkeypatch, fmt, runner):
+    import src.export
+
+    target = workdir / "model.file"
+    target.write_bytes(b"an earlier export")
+    run = getattr(src.export, runner)
+    monkeypatch.setattr(src.export, runner, lambda path, images: run(path, images) + 2e-5)  # just past the limit
+    with pytest.raises(UserError, match=r"disagrees with PyTorch, so nothing was written: parity on .* = 2\.0e-05"):
+        run_export(f"format={fmt}", "out=model.file")
+    assert target.read_bytes() == b"an earlier export" and files_in(workdir) == ["model.file", "outputs"]
+
+
+def write_files(folder: Path) -> None:
+    """The wrong files a user might pass."""
+    torch.save({"state_dict": {"conv.weight": torch.zeros(3)}, "hyper_parameters": {"channels": 3}}, folder / "cnn.ckpt")
+    (folder / "text.ckpt").write_text("not a checkpoint\n")
+    (folder / "a_file").write_text("a file, not a folder\n")
+    (folder / "a_folder").mkdir()
+
+
+BAD_INPUTS = [
+    (["ckpt_path=nothing.ckpt"], "ckpt_path='nothing.ckpt' is not valid: no such file"),
+    (["ckpt_path=text.ckpt"], "ckpt_path='text.ckpt' is not a checkpoint"),
+    (["ckpt_path=cnn.ckpt"], "ckpt_path='cnn.ckpt' holds a model of another architecture"),
+    (["format=keras"], "format='keras' is not valid: expected one of onnx, torchscript"),
+    (["out="], "out='' is not valid: expected the path of the file to write"),
+    (["out=a_folder"], "out='a_folder' is a folder: give the path of the file to write, e.g. out=a_folder/model.onnx"),
+    (["out=no/such/model.onnx"], "out='no/such/model.onnx' cannot be written: the folder no/such does not exist"),
+    (["out=outputs/2026-01-01/12-00-00/checkpoints/last.ckpt"], "is the checkpoint itself: give another file"),
+    (["out=a_file/model.onnx"], "out='a_file/model.onnx' cannot be written: a_file is not a folder"),
+    (["format=torchscript", "out=a_folder"], "out='a_folder' is a folder: give the path of the file to write, "
+                                             "e.g. out=a_folder/model.pt"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
+def test_bad_input_is_one_clear_error_and_writes_nothing(workdir, overrides, message):
+    write_files(workdir)
+    before = sorted(str(p) for p in workdir.rglob("*"))
+    with pytest.raises(UserError) as error:
+        run_export(*overrides)
+    assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
+    assert sorted(str(p) for p in workdir.rglob("*")) == before
+
+
+def refuses_files(folder: Path) -> bool:
+    try:
+        (folder / ".probe").touch()
+    except OSError:
+        return True
+    (folder / ".probe").unlink()
+    return False
+
+
+def test_a_read_only_folder_is_one_clear_error(workdir):
+    folder = workdir / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        if not refuses_files(folder):  # root writes anywhere: a read-only file system instead
+            folder = Path("/sys")
+            if not folder.is_dir() or not refuses_files(folder):
+                pytest.skip("no read-only folder for this user")
+        with pytest.raises(UserError, match=rf"^out='{folder}/model.onnx' cannot be written: {folder} is not writable "
+                                            r"\((Permission denied|Read-only file system)\)$"):
+            run_export(f"out={folder}/model.onnx")
+    finally:
+        (workdir / "read_only").chmod(0o755)
+    assert files_in(workdir / "read_only") == []
+
+
+def command(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, "-m", "src.export", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=180)
+
+
+@pytest.mark.slow
+def test_command_line_run_and_bad_input_exit_codes(workdir):
+    """Real processes: a model and the parity line with status 0; bad input: one line, status 1, no traceback."""
+    ok = command(cwd=workdir)
+    assert ok.returncode == 0, ok.stderr
+    assert "same class for 1000/1000" in ok.stdout and ok.stderr == ""
+    assert (workdir / "outputs" / "2026-01-01" / "12-00-00" / "checkpoints" / "model.onnx").is_file()
+    assert files_in(workdir) == ["outputs"] and files_in(workdir / "outputs") == ["2026-01-01"]  # Hydra writes nothing
+    write_files(workdir)
+    for args, message in ((["format=keras"], "error: format='keras' is not valid: expected one of onnx, torchscript"),
+                          (["ckpt_path=text.ckpt"], "error: ckpt_path='text.ckpt' is not a checkpoint: expected a "
+                                                    "file written by python -m src.train")):
+        bad = command(*args, cwd=workdir)
+        assert (bad.returncode, bad.stderr, bad.stdout) == (1, message + "\n", "")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hidden", [["onnxscript"], ["onnxruntime"]])
+def test_onnx_without_the_export_extra_names_the_extra(workdir, hidden):
+    result = run_without(hidden, "src.export", cwd=workdir)
+    assert result.returncode == 1
+    assert result.stderr == (f"error: format=onnx needs the 'export' extra, which is not installed (no module named "
+                             f"{hidden[0]}): pip install -e \".[export]\"\n")
+    assert not list(workdir.rglob("*.onnx*"))
+
+
+@pytest.mark.slow
+def test_torchscript_needs_no_extra(workdir):
+    result = run_without(["onnx", "onnxruntime", "onnxscript"], "src.export", "format=torchscript", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert "same class for 1000/1000" in result.stdout
+    assert (workdir / "outputs" / "2026-01-01" / "12-00-00" / "checkpoints" / "model.pt").is_file()
+
+
+def readme_snippet() -> str:
+    """The Python block of the README's Export section that runs onnxruntime."""
+    section = (ROOT / "README.md").read_text().split("\n## Export\n")[1].split("\n## ")[0]
+    [snippet] = [block for block in re.findall(r"```python\n(.*?)```", section, re.S) if "onnxruntime" in block]
+    return snippet
+
+
+@pytest.mark.slow
+def test_readme_snippet_classifies_real_digits_without_torch(tmp_path):
+    """Exactly as written in the README, in a process where torch cannot be imported, on PNGs of real digits."""
+    if not (MNIST_T10K / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"real MNIST digits not found in {MNIST_T10K}")
+    snippet = readme_snippet()
+    assert len(snippet.strip().splitlines()) == 6 and "torch" not in snippet.replace("onnxruntime", "")
+    from tests.test_predict import real_digits
+
+    images, labels = real_digits()
+    data = tmp_path / "data"
+    data.mkdir()
+    write_idx(data / "train-images-idx3-ubyte.gz", images[:6000])
+    write_idx(data / "train-labels-idx1-ubyte.gz", labels[:6000])
+    write_idx(data / "t10k-images-idx3-ubyte.gz", images[6000:])
+    write_idx(data / "t10k-labels-idx1-ubyte.gz", labels[6000:])
+    train(compose_train(f"data.data_dir={data}", "trainer.max_epochs=2", "trainer.accelerator=cpu", "model.hidden=128",
+                        "trainer.enable_progress_bar=false"), tmp_path / "run")
+    export(compose_config("export", f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
+                          f"out={tmp_path / 'model.onnx'}"))
+
+    # 20 held-out digits as a user's PNG: dark ink on white, enlarged to 112x112.
+    digits = list(range(6000, 6020))
+    for k in digits:
+        ImageOps.invert(Image.fromarray(images[k])).resize((112, 112), Image.Resampling.BICUBIC).save(tmp_path / f"{k}.png")
+    runner = ("import shutil, sys\nsys.modules['torch'] = None\n"  # an `import torch` anywhere would fail
+              f"for k in {digits!r}:\n    shutil.copy(f'{{k}}.png', 'digit.png')\n"
+              f"    exec(compile({snippet!r}, 'README.md', 'exec'), {{}})\n")
+    result = subprocess.run([sys.executable, "-c", runner], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    printed = [line.split() for line in result.stdout.splitlines()]
+    assert len(printed) == len(digits) and all(len(p) == 2 and p[0] == p[1] for p in printed), result.stdout
+    snippet_classes = np.array([int(p[0]) for p in printed])
+    # The snippet's class is the model's for the original 28x28 digit (the PNG round trip keeps it) ...
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    [p] = session.run(None, {"images": images[digits].reshape(-1, 784).astype(np.float32) / 255})
+    same, right = int((snippet_classes == p.argmax(1)).sum()), int((snippet_classes == labels[digits]).sum())
+    print(f"README snippet on {len(digits)} real digits: the model's class for the original {same} times, "
+          f"the true label {right} times")
+    assert same >= len(digits) - 1, result.stdout
+    assert right >= 16, result.stdout  # ... and mostly right: this model is about 90 % right on MNIST's test digits
