@@ -103,12 +103,12 @@ def _written_in_one_step(target: Path, what: str, example_name: str):
 def _parity_images(model: LoadedModel, config: ExportConfig) -> tuple[torch.Tensor, str]:
     """The first 1000 images of the checkpoint's test split, prepared as in training, when its files
     are on this machine; else 1000 random images in [0, 1], which still compare the two models."""
-    from src.idx import DATASET_CLASSES, _complete, _find_local_copy, load_split, prepare_files, raw_folder
+    from src.idx import DATASET_CLASSES, files_here, load_split, prepare_files
 
     name = model.dataset
     data_dir = Path(config.data_dir or model.data.get("data_dir") or "data")
     # Only files already here: prepare_files would otherwise try to download a whole dataset for a check.
-    found = name in DATASET_CLASSES and (_complete(raw_folder(name, data_dir)) or _find_local_copy(name, data_dir))
+    found = name in DATASET_CLASSES and files_here(name, data_dir)
     if found:
         x, _ = load_split(name, str(prepare_files(name, data_dir)), train=False)
         return x[:PARITY_IMAGES], f"the first {min(len(x), PARITY_IMAGES)} {name} test images (from {data_dir}/)"

@@ -50,6 +50,12 @@ def _find_local_copy(name: str, data_dir: Path) -> Path | None:
     return None
 
 
+def files_here(name: str, data_dir: str | Path) -> bool:
+    """Whether the four files are on this machine (prepared, in data_dir, or the system's copy): no download needed."""
+    data_dir = Path(data_dir)
+    return _complete(raw_folder(name, data_dir)) or _find_local_copy(name, data_dir) is not None
+
+
 def prepare_files(name: str, data_dir: str | Path) -> Path:
     """Make sure DATA_DIR/<Class>/raw holds the four IDX files; return that folder.
 
