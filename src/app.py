@@ -106,12 +106,11 @@ def build_page(model: LoadedModel, served: str):
         gr.Markdown(f"### Draw a digit, or upload a picture of one\nServing {served}")
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
-                with gr.Tab("Draw"):
+                with gr.Tab("Draw"):  # the brush, eraser, undo and "Clear canvas" are the sketchpad's own
                     sketch = gr.Sketchpad(
                         canvas_size=(CANVAS, CANVAS), fixed_canvas=True, height=CANVAS + 160, image_mode="RGBA",
                         type="numpy", brush=gr.Brush(colors=["#000000"], color_mode="fixed", default_size=BRUSH),
                         layers=False, transforms=(), label="Sketchpad", show_label=False, elem_id="sketchpad")
-                    clear = gr.Button("Clear", elem_id="clear")
                 with gr.Tab("Upload"):
                     upload = gr.Image(type="filepath", label="A picture of one digit", sources=["upload", "clipboard"],
                                       elem_id="upload")
@@ -124,7 +123,6 @@ def build_page(model: LoadedModel, served: str):
         # The page's own events are private: they exist for the page, the API is /classify below.
         sketch.change(lambda editor: read_sketch(model, editor), sketch, [probabilities, seen],
                       trigger_mode="always_last", show_progress="hidden", api_visibility="private")
-        clear.click(lambda: (None, None, None), None, [sketch, probabilities, seen], api_visibility="private")
         # preprocess=False: the function gets Gradio's record of the uploaded file and opens it as predict does,
         # so that a file that is not an image gets a message rather than Gradio's failure to open it.
         upload.change(lambda record: read_upload(model, record), upload, [probabilities, seen], preprocess=False,
