@@ -193,7 +193,7 @@ def test_the_page_is_served_without_lightning(tmp_path, any_model):
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=app_env(), capture_output=True,
                             text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"serving on http://127.0.0.1:{port}" in result.stdout and "hidden=16" in result.stdout
+    assert "checkpoint: " in result.stdout and "hidden=16" in result.stdout  # (the page may answer before "serving on")
     assert "lightning imported: False" in result.stdout, result.stdout
 
 
