@@ -182,6 +182,20 @@ class ExportConfig:
 ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 
 
+@dataclass
+class AppConfig:
+    ckpt_path: Optional[str] = None  # None: the newest last.ckpt under outputs/ and multirun/
+    host: str = "127.0.0.1"  # 0.0.0.0 serves other machines too
+    port: int = 7860
+
+    def __post_init__(self) -> None:
+        _check(self.host.strip() != "", "host", self.host, "expected an address to listen on, e.g. 127.0.0.1 or 0.0.0.0")
+        _check(1 <= self.port <= 65535, "port", self.port, "expected a TCP port from 1 to 65535")
+
+
+ConfigStore.instance().store(name="app_schema", node=AppConfig)
+
+
 def validated(cfg):
     """The composed config as its schema's dataclass, every value checked.
 

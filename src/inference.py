@@ -20,6 +20,9 @@ MIN_CONTRAST = 16  # grey levels (of 255) between ground and strokes below which
 NOISE_FLOOR = 0.2  # ink fainter than this share of the strongest stroke is paper texture, dust or blur
 # MNIST fits each digit into a 20x20 box and moves its centre of mass onto pixel (14, 14) of a 28x28 frame.
 DIGIT_BOX, FRAME, CENTRE = 20, 28, 14
+# Larger pictures are refused before they are decoded: a 10000x10000 scan would take gigabytes on the
+# way to 28x28 pixels. Fifty million pixels still takes a 48-megapixel phone photo whole.
+MAX_PIXELS = 50_000_000
 
 
 @dataclass
@@ -89,9 +92,13 @@ def open_picture(path: str | Path, what: str | None = None):
     if path.stat().st_size == 0:
         raise UserError(f"{what} is not valid: the file is empty")
     try:
-        with Image.open(path) as opened:
+        with Image.open(path) as opened:  # reads the header only: the size is known before any decoding
+            check_size(*opened.size, what)
             picture = ImageOps.exif_transpose(opened)  # a phone photo's pixels may be stored rotated
             picture.load()
+    except Image.DecompressionBombError as error:  # Pillow's own limit, for sizes it finds while opening
+        raise UserError(f"{what} is too large to classify ({one_line(error)[:160]}); "
+                        f"scale it down to at most {MAX_PIXELS // 1_000_000} million pixels") from None
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         raise UserError(f"{what} is not an image Pillow can read ({one_line(str(error).splitlines()[0])[:160]})") from None
     return picture
@@ -114,7 +121,9 @@ def prepare_picture(picture, what: str = "the picture") -> torch.Tensor:
     from PIL import Image
 
     if isinstance(picture, np.ndarray):
+        check_size(*(picture.shape[1::-1] if picture.ndim >= 2 else (picture.size, 1)), what)
         picture = Image.fromarray(_as_uint8(picture))
+    check_size(*picture.size, what)
     if picture.mode in ("RGBA", "LA", "PA") or "transparency" in picture.info:
         # A drawing on a transparent canvas: its ground is taken to be white paper.
         picture = Image.alpha_composite(Image.new("RGBA", picture.size, "white"), picture.convert("RGBA"))
@@ -147,6 +156,12 @@ def prepare_picture(picture, what: str = "the picture") -> torch.Tensor:
                           box=(left, top, left + FRAME * scale, top + FRAME * scale))
     digit = torch.from_numpy(np.asarray(frame, dtype=np.float32).copy()).clamp_(min=0)
     return digit / digit.max()
+
+
+def check_size(width: int, height: int, what: str) -> None:
+    if width * height > MAX_PIXELS:
+        raise UserError(f"{what} is too large to classify: {width}x{height} pixels, more than "
+                        f"{MAX_PIXELS // 1_000_000} million; scale it down (a digit needs far fewer)")
 
 
 def _as_uint8(array: np.ndarray) -> np.ndarray:

@@ -1,0 +1,346 @@
+"""`python -m src.app`: the page's functions, the /classify API with real handwritten digits,
+the page itself in a real browser (Debian's Chromium), and start-up without Lightning."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from src.app import CANVAS, MIN_DRAWING, SEEN, classify_picture, read_sketch, read_upload, serve, sketch_ink
+from src.config import UserError
+from src.inference import LoadedModel, MAX_PIXELS, open_picture, prepare_picture
+from src.network import build_mlp
+from tests.conftest import MNIST_T10K, ROOT, compose_config, compose_train, write_idx
+
+CHROMIUM = Path("/usr/bin/chromium")
+N_TRAIN = 8000  # of MNIST's 10,000 test digits; the page is tested on the others
+
+
+# The page's functions, with an untrained network: they must give ten probabilities or a message.
+
+@pytest.fixture(scope="module")
+def any_model() -> LoadedModel:
+    torch.manual_seed(0)
+    return LoadedModel(build_mlp(784, 16, 10).eval(), {"hidden": 16}, {"name": "mnist"}, [str(k) for k in range(10)])
+
+
+def layer(draw=None) -> np.ndarray:
+    """One transparent RGBA sketchpad layer, as Gradio hands it over, with black strokes drawn by `draw`."""
+    image = Image.new("RGBA", (CANVAS, CANVAS), (0, 0, 0, 0))
+    if draw:
+        draw(ImageDraw.Draw(image))
+    return np.asarray(image)
+
+
+def editor(*layers: np.ndarray) -> dict:
+    white = np.full((CANVAS, CANVAS, 4), 255, np.uint8)
+    return {"background": white, "layers": list(layers), "composite": white}
+
+
+def vertical_line(pen):
+    pen.line([(140, 50), (140, 230)], fill=(0, 0, 0, 255), width=24)
+
+
+def test_prepare_picture_takes_arrays_and_images_alike():
+    picture = Image.new("L", (120, 90), 255)
+    ImageDraw.Draw(picture).ellipse((30, 15, 80, 75), outline=0, width=8)
+    as_image = prepare_picture(picture)
+    grey = np.asarray(picture)
+    for same in (grey, grey[:, :, None], np.stack([grey] * 3, axis=2), grey / 255.0,
+                 np.dstack([grey, grey, grey, np.full_like(grey, 255)]), picture.convert("RGB")):
+        assert torch.equal(prepare_picture(same), as_image)
+    # Ink as the sketchpad's alpha channel (light on a dark ground) reads as the same picture.
+    assert torch.allclose(prepare_picture(255 - grey), as_image, atol=1e-6)
+    assert as_image.shape == (28, 28) and as_image.max() == 1 and as_image[0].max() == 0
+
+
+def test_huge_pictures_are_refused_before_any_work(tmp_path):
+    side = math.isqrt(MAX_PIXELS) + 1
+    with pytest.raises(UserError, match=rf"the drawing is too large to classify: {side}x{side} pixels, more than 50 million"):
+        prepare_picture(np.zeros((side, side), np.uint8), "the drawing")
+    Image.new("1", (10000, 10000), 1).save(tmp_path / "scan.png")  # 100 million pixels in a small file
+    with pytest.raises(UserError, match=r"image='big' is too large to classify: 10000x10000 pixels"):
+        open_picture(tmp_path / "scan.png", "image='big'")
+
+
+def test_blank_canvas_shows_nothing(any_model):
+    assert sketch_ink(None) is None and sketch_ink(editor()) is None
+    assert read_sketch(any_model, editor(layer())) == (None, None)
+    assert read_sketch(any_model, None) == (None, None)
+
+
+def test_one_dot_gets_a_message(any_model):
+    dot = layer(lambda pen: pen.ellipse((130, 130, 150, 150), fill=(0, 0, 0, 255)))
+    message, seen = read_sketch(any_model, editor(dot))
+    assert message == "Too small to read: draw the digit larger" and seen is None
+    assert 20 < MIN_DRAWING  # a dot of the brush's width, 24 pixels, is below it
+
+
+def test_a_stroke_gives_ten_probabilities_and_the_image_seen(any_model):
+    probabilities, seen = read_sketch(any_model, editor(layer(vertical_line)))
+    assert list(probabilities) == [str(k) for k in range(10)]
+    assert abs(sum(probabilities.values()) - 1) < 1e-5
+    assert seen.shape == (28 * SEEN, 28 * SEEN) and seen.dtype == np.uint8 and seen.max() == 255
+    assert seen[0].max() == 0  # a light stroke on a dark ground, as MNIST's digits
+    # Exactly what the model saw: the 28x28 image, each pixel a SEEN x SEEN block.
+    digit = prepare_picture(sketch_ink(editor(layer(vertical_line))))
+    assert np.array_equal(seen[::SEEN, ::SEEN], (digit.numpy() * 255).round().astype(np.uint8))
+
+
+def test_the_ink_is_read_from_every_layers_alpha(any_model):
+    """Strokes on two layers are one drawing; the colour under them (theme-dependent) plays no part."""
+    top, bottom = layer(lambda pen: pen.line([(140, 50), (140, 140)], fill=(0, 0, 0, 255), width=24)), \
+        layer(lambda pen: pen.line([(140, 140), (140, 230)], fill=(200, 30, 30, 255), width=24))
+    both = read_sketch(any_model, editor(top, bottom))
+    single = read_sketch(any_model, editor(layer(vertical_line)))
+    assert np.array_equal(both[1], single[1])
+    assert both[0] == pytest.approx(single[0], abs=1e-6)
+
+
+def test_uploads_are_read_as_predict_reads_them(any_model, tmp_path):
+    picture = Image.new("RGB", (200, 160), "white")
+    ImageDraw.Draw(picture).line([(100, 20), (100, 140)], fill="black", width=14)
+    picture.save(tmp_path / "one.png")
+    probabilities, seen = read_upload(any_model, {"path": str(tmp_path / "one.png"), "orig_name": "one.png"})
+    assert probabilities == pytest.approx(classify_picture(any_model, picture, "one")[0], abs=1e-6)
+    (tmp_path / "notes.png").write_text("not an image\n")
+    (tmp_path / "empty.png").write_bytes(b"")
+    Image.new("RGB", (64, 64), (230, 230, 230)).save(tmp_path / "blank.png")
+    for name, message in (("notes.png", "'notes.png' is not an image Pillow can read"),
+                          ("empty.png", "'empty.png' is not valid: the file is empty"),
+                          ("blank.png", "'blank.png' shows no digit")):
+        shown, seen = read_upload(any_model, {"path": str(tmp_path / name), "orig_name": name})
+        assert shown.startswith(message) and "\n" not in shown and seen is None
+    assert read_upload(any_model, None) == (None, None)
+
+
+# The command line: bad configuration stops before the server starts; Lightning is never imported.
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    return {**env, "PYTHONPATH": str(ROOT), "NO_PROXY": "127.0.0.1,localhost"}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["port=0"], "error: port=0 is not valid: expected a TCP port from 1 to 65535"),
+    (["port=http"], "error: "),
+    (["ckpt_path=nothing.ckpt"], "error: ckpt_path='nothing.ckpt' is not valid: no such file"),
+    (["ckpt_path=notes.txt"], "error: ckpt_path='notes.txt' is not a checkpoint"),
+    ([], "error: no checkpoint found"),
+    (["colour=red"], "error: "),
+])
+def test_bad_configuration_is_one_line_before_the_server_starts(tmp_path, overrides, message):
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    result = subprocess.run([sys.executable, "-m", "src.app", *overrides], cwd=tmp_path, env=app_env(),
+                            capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and lines[0].startswith(message), result.stderr
+    assert "serving on" not in result.stdout and not (tmp_path / "outputs").exists()
+
+
+def test_without_gradio_names_the_extra(tmp_path):
+    from tests.test_extras import run_without
+
+    result = run_without(["gradio"], "src.app", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("error: python -m src.app needs the 'app' extra, which is not installed "
+                                     "(no module named gradio): pip install -e \".[app]\"")
+
+
+SERVE_AND_REPORT = """
+import os, runpy, sys, threading, time, urllib.request
+sys.argv = ["app", "ckpt_path={ckpt}", "port={port}"]
+def report():
+    while True:
+        try:
+            urllib.request.urlopen("http://127.0.0.1:{port}/", timeout=1)
+            break
+        except OSError:
+            time.sleep(0.1)
+    print("served after", round(time.time() - {start}, 2), "s", flush=True)
+    print("lightning imported:", any(m.split(".")[0] == "lightning" for m in sys.modules), flush=True)
+    os._exit(0)
+threading.Thread(target=report, daemon=True).start()
+runpy.run_module("src.app", run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_the_page_is_served_without_lightning(tmp_path, any_model):
+    torch.save({"state_dict": {f"net.{k}": v for k, v in any_model.net.state_dict().items()},
+                "hyper_parameters": {"input_size": 784, "hidden": 16, "num_classes": 10}}, tmp_path / "any.ckpt")
+    port = free_port()
+    code = SERVE_AND_REPORT.format(ckpt=tmp_path / "any.ckpt", port=port, start=time.time())
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=app_env(), capture_output=True,
+                            text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "checkpoint: " in result.stdout and "hidden=16" in result.stdout  # (the page may answer before "serving on")
+    assert "lightning imported: False" in result.stdout, result.stdout
+
+
+# Real handwriting: a model trained on 8000 of MNIST's test digits reads the others through /classify.
+
+def real_digits() -> tuple[np.ndarray, np.ndarray]:
+    if not (MNIST_T10K / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"real MNIST digits not found in {MNIST_T10K}")
+    with gzip.open(MNIST_T10K / "t10k-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read()[16:], np.uint8).reshape(-1, 28, 28)
+    with gzip.open(MNIST_T10K / "t10k-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read()[8:], np.uint8)
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def real_checkpoint(tmp_path_factory) -> Path:
+    from src.train import train
+
+    images, labels = real_digits()
+    root = tmp_path_factory.mktemp("real")
+    data = root / "data"
+    data.mkdir()
+    write_idx(data / "train-images-idx3-ubyte.gz", images[:N_TRAIN])
+    write_idx(data / "train-labels-idx1-ubyte.gz", labels[:N_TRAIN])
+    write_idx(data / "t10k-images-idx3-ubyte.gz", images[N_TRAIN:])
+    write_idx(data / "t10k-labels-idx1-ubyte.gz", labels[N_TRAIN:])
+    train(compose_train(f"data.data_dir={data}", "trainer.max_epochs=3", "trainer.accelerator=cpu", "model.hidden=64",
+                        "trainer.enable_progress_bar=false"), root / "run")
+    return root / "run" / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def server(real_checkpoint):
+    """The page, served in this process on a free port of 127.0.0.1."""
+    page = serve(compose_config("app", f"ckpt_path={real_checkpoint}", f"port={free_port()}"), block=False)
+    try:
+        yield f"http://127.0.0.1:{page.server_port}/"
+    finally:
+        page.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server, verbose=False)
+
+
+@pytest.mark.slow
+def test_classify_reads_held_out_digits(client, tmp_path):
+    from gradio_client import handle_file
+
+    images, labels = real_digits()
+    right = 0
+    for k in range(N_TRAIN, N_TRAIN + 100):
+        Image.fromarray(images[k]).save(tmp_path / f"{k}.png")  # saved as MNIST has it: light on dark, 28x28
+        result = client.predict(handle_file(tmp_path / f"{k}.png"), api_name="/classify")
+        confidences = {c["label"]: c["confidence"] for c in result["confidences"]}
+        assert sorted(confidences) == [str(d) for d in range(10)] and abs(sum(confidences.values()) - 1) < 1e-5
+        assert result["label"] == max(confidences, key=confidences.get)
+        right += result["label"] == str(labels[k])
+    assert right >= 90, f"{right} of 100 held-out digits read right"
+
+
+@pytest.mark.slow
+def test_classify_answers_bad_pictures_and_keeps_serving(client, tmp_path):
+    from gradio_client import handle_file
+
+    images, labels = real_digits()
+    Image.fromarray(images[9999]).save(tmp_path / "good.png")
+    (tmp_path / "notes.png").write_text("not an image\n")
+    (tmp_path / "empty.png").write_bytes(b"")
+    Image.new("1", (10000, 10000), 1).save(tmp_path / "huge.png")
+    (tmp_path / "eleven.png").write_bytes(b"\x89PNG" + bytes(11_000_000))  # over the 10 MB upload limit
+    for name, message in (("notes.png", "'notes.png' is not an image Pillow can read"),
+                          ("empty.png", "'empty.png' is not valid: the file is empty"),
+                          ("huge.png", "'huge.png' is too large to classify: 10000x10000 pixels"),
+                          ("eleven.png", "")):
+        with pytest.raises(Exception) as error:
+            client.predict(handle_file(tmp_path / name), api_name="/classify")
+        assert message in str(error.value) and "Traceback" not in str(error.value), (name, error.value)
+        assert client.predict(handle_file(tmp_path / "good.png"), api_name="/classify")["label"] == str(labels[9999])
+
+
+# The page in a real browser: Debian's Chromium, driven by Playwright.
+
+@pytest.fixture(scope="module")
+def browser():
+    if not CHROMIUM.exists():
+        reason = f"{CHROMIUM} not found: apt-get install chromium"
+        if os.environ.get("CI"):  # CI installs Chromium: a skip there would hide a failure
+            pytest.fail(reason)
+        pytest.skip(reason)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=[
+            "--no-sandbox",  # Chromium refuses to start as root without it
+            "--enable-unsafe-swiftshader",  # software WebGL, which the sketchpad's canvas draws with
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            "--no-first-run", "--disable-quic"])  # no update checks and the like from the closed network
+        yield browser  # Playwright gives each launch a fresh temporary profile
+        browser.close()
+
+
+def draw(page, points) -> None:
+    """One stroke with the mouse through `points`, given as fractions of the sketchpad's drawing area
+    (its canvas element spans the whole widget; the square drawn on sits in its middle)."""
+    box = page.locator("#sketchpad canvas").first.bounding_box()
+    at = [(box["x"] + fx * box["width"], box["y"] + fy * box["height"]) for fx, fy in points]
+    page.mouse.move(*at[0])
+    page.mouse.down()
+    for x, y in at[1:]:
+        page.mouse.move(x, y, steps=2)
+    page.mouse.up()
+
+
+def bars(page, top: str, timeout: float = 30) -> list[float]:
+    """The ten bars' values, read from the page's <meter> elements once the top class reads `top`."""
+    page.locator("#probabilities [data-testid='label-output-value']", has_text=top).wait_for(timeout=timeout * 1000)
+    return [float(meter.get_attribute("value")) for meter in page.locator("#probabilities meter").all()]
+
+
+@pytest.mark.slow
+def test_draw_in_the_browser(browser, server):
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    requests = []
+    page.on("request", lambda request: requests.append(request.url))
+    page.goto(server)
+    brush = page.locator("#sketchpad button[aria-label='Brush']")
+    brush.click()  # the sketchpad asks for its brush first ("select the draw tool to start")
+
+    draw(page, [(0.5, 0.3 + 0.4 * k / 20) for k in range(21)])  # a vertical line
+    line = bars(page, "1")
+    assert len(line) == 10 and abs(sum(line) - 1) < 1e-3
+    assert page.locator("#seen img").count() == 1  # and the 28x28 image the model saw
+
+    page.locator("#sketchpad button[aria-label='Clear canvas']").click()
+    page.locator("#probabilities meter").first.wait_for(state="detached", timeout=30000)  # an empty canvas: no bars
+    brush.click()  # and again after "Clear canvas"
+    draw(page, [(0.5 + 0.15 * math.sin(2 * math.pi * k / 36), 0.5 - 0.2 * math.cos(2 * math.pi * k / 36))
+                for k in range(38)])  # a closed loop
+    loop = bars(page, "0")
+    assert len(loop) == 10 and abs(sum(loop) - 1) < 1e-3
+    page.screenshot(path=ROOT / "docs" / "app.png")
+
+    hosts = {urlparse(url).hostname for url in requests if urlparse(url).scheme in ("http", "https", "ws", "wss")}
+    assert hosts == {"127.0.0.1"}, requests  # no fonts, scripts or analytics from anywhere else
+    page.close()
