@@ -129,7 +129,9 @@ def build_page(model: LoadedModel, served: str):
                       api_visibility="private")
 
         # /classify: one picture in, the label and its ten confidences out. Its components are never shown;
-        # an event with no trigger is callable only through the API (gradio_client, HTTP).
+        # an event with no trigger is callable only through the API (gradio_client, HTTP). The queue stays on:
+        # gradio_client joins it and reads an event stream whatever queue= says (client.py, make_predict), and
+        # Gradio's direct route, POST /gradio_api/run/classify, already runs it without the queue for plain HTTP.
         api_picture, api_label = gr.Image(type="filepath", visible=False), gr.Label(visible=False)
         gr.on([], lambda record: classify(model, record), api_picture, api_label, api_name="classify",
               preprocess=False, concurrency_limit=None)

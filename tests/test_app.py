@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -26,6 +27,9 @@ from src.network import build_mlp
 from tests.conftest import MNIST_T10K, ROOT, compose_config, compose_train, write_idx
 
 CHROMIUM = Path("/usr/bin/chromium")
+# APP_SCREENSHOT=docs/app.png python -m pytest tests/test_app.py -k browser: also puts the browser test's
+# screenshot there (relative to the repository root), for the README; without it the test writes only under tmp_path.
+SCREENSHOT = os.environ.get("APP_SCREENSHOT")
 N_TRAIN = 8000  # of MNIST's 10,000 test digits; the page is tested on the others
 
 
@@ -222,14 +226,21 @@ def real_checkpoint(tmp_path_factory) -> Path:
     write_idx(data / "t10k-images-idx3-ubyte.gz", images[N_TRAIN:])
     write_idx(data / "t10k-labels-idx1-ubyte.gz", labels[N_TRAIN:])
     train(compose_train(f"data.data_dir={data}", "trainer.max_epochs=3", "trainer.accelerator=cpu", "model.hidden=64",
-                        "trainer.enable_progress_bar=false"), root / "run")
-    return root / "run" / "checkpoints" / "last.ckpt"
+                        "trainer.enable_progress_bar=false"), root / "outputs" / "run")
+    return root / "outputs" / "run" / "checkpoints" / "last.ckpt"
 
 
 @pytest.fixture(scope="module")
 def server(real_checkpoint):
-    """The page, served in this process on a free port of 127.0.0.1."""
-    page = serve(compose_config("app", f"ckpt_path={real_checkpoint}", f"port={free_port()}"), block=False)
+    """The page, served in this process on a free port of 127.0.0.1, started as `python -m src.app` would be
+    from the folder holding outputs/, so that the page names the checkpoint as a user sees it."""
+    here, root = Path.cwd(), real_checkpoint.parents[3]
+    os.chdir(root)
+    try:
+        page = serve(compose_config("app", f"ckpt_path={real_checkpoint.relative_to(root)}", f"port={free_port()}"),
+                     block=False)
+    finally:
+        os.chdir(here)
     try:
         yield f"http://127.0.0.1:{page.server_port}/"
     finally:
@@ -240,7 +251,9 @@ def server(real_checkpoint):
 def client(server):
     from gradio_client import Client
 
-    return Client(server, verbose=False)
+    # ssl_verify=False: the server speaks plain http, so nothing is verified either way, and it spares httpx
+    # loading the CA bundle for each of a call's three connections (most of a call's time otherwise).
+    return Client(server, verbose=False, ssl_verify=False)
 
 
 @pytest.mark.slow
@@ -319,7 +332,7 @@ def bars(page, top: str, timeout: float = 30) -> list[float]:
 
 
 @pytest.mark.slow
-def test_draw_in_the_browser(browser, server):
+def test_draw_in_the_browser(browser, server, tmp_path):
     page = browser.new_page(viewport={"width": 1100, "height": 900})
     requests = []
     page.on("request", lambda request: requests.append(request.url))
@@ -339,7 +352,15 @@ def test_draw_in_the_browser(browser, server):
                 for k in range(38)])  # a closed loop
     loop = bars(page, "0")
     assert len(loop) == 10 and abs(sum(loop) - 1) < 1e-3
-    page.screenshot(path=ROOT / "docs" / "app.png")
+    page.screenshot(path=tmp_path / "app.png")
+    shot = np.asarray(Image.open(tmp_path / "app.png").convert("L"))
+    box = {k: round(v) for k, v in page.locator("#sketchpad canvas").first.bounding_box().items()}
+    drawn = shot[box["y"]:box["y"] + box["height"], box["x"]:box["x"] + box["width"]]
+    # Not a blank page: many shades (text, bars, the digit seen), and the loop's black ink on the sketchpad.
+    assert len(np.unique(shot)) > 50 and shot.std() > 20, "the screenshot is blank"
+    assert (drawn < 40).mean() > 0.005, "no ink on the sketchpad in the screenshot"
+    if SCREENSHOT:
+        shutil.copyfile(tmp_path / "app.png", ROOT / SCREENSHOT)
 
     hosts = {urlparse(url).hostname for url in requests if urlparse(url).scheme in ("http", "https", "ws", "wss")}
     assert hosts == {"127.0.0.1"}, requests  # no fonts, scripts or analytics from anywhere else
