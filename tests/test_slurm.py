@@ -233,3 +233,23 @@ def test_optuna_workers_as_slurm_jobs_share_one_study(slurm_cluster, tiny_data, 
     job_id = re.search(r"Submitted batch job (\d+)", submitted.stdout).group(1)
     assert [final_state(env, f"{job_id}_{n}", timeout=300) for n in (1, 2)] == ["COMPLETED", "COMPLETED"]
     check_study(study_dir, 4, [(tmp_path / f"worker-{n}.out").read_text() for n in (1, 2)])
+
+
+def test_a_sqlite_study_from_before_is_still_resumed(tiny_data, tmp_path):
+    import optuna
+
+    from tests.test_sweep import run as run_locally
+
+    study_dir = tmp_path / "study"
+    study_dir.mkdir()
+    storage = f"sqlite:///{study_dir / 'study.db'}"
+    old = optuna.create_study(study_name="mnist-mlp", storage=storage, direction="maximize")
+    old.optimize(lambda trial: trial.suggest_float("optimizer.lr", 1e-7, 1e-1, log=True) * 0 + 0.5, n_trials=1)
+
+    result = run_locally("src.tune", f"data.data_dir={tiny_data}", *SEARCH, "trainer.max_epochs=1",
+                         "hparams_search.n_trials=2", f"hydra.run.dir={study_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = result.stdout + result.stderr
+    assert "1 of 2 trials done" in said and f"resuming {study_dir / 'study.db'} (SQLite)" in said
+    assert [t.number for t in optuna.load_study(study_name="mnist-mlp", storage=storage).trials] == [0, 1]
+    assert not (study_dir / "journal.log").exists()
