@@ -1,8 +1,8 @@
-"""The SLURM launcher of conf/hydra/launcher/slurm*.yaml (a Hydra plugin: Hydra takes launchers
-only from the hydra_plugins package): Hydra's submitit_slurm launcher, with
-one change: a job that SLURM ends before it returns (scancel, a time limit, out of memory, a node
+"""The SLURM launcher of conf/hydra/launcher/slurm*.yaml: Hydra's submitit_slurm launcher, with one
+change: a job that SLURM ends before it returns (scancel, a time limit, out of memory, a node
 failure) becomes a failed job of the sweep, with SLURM's word for what happened, instead of an
-exception that ends the whole sweep without its summary.
+exception that ends the whole sweep without its summary. (It lives here because Hydra takes
+launchers only from the hydra_plugins package, found on sys.path: the project folder.)
 
 Hydra's launcher collects the jobs with `job.results()`, which raises submitit's
 UncompletedJobError for a job that left no result; the sweep then stops at that job, and the
