@@ -2,8 +2,10 @@
 
 TPE proposes lr, hidden size and batch size; each trial is a normal training run (src.train.train)
 in `<study folder>/trial_<n>/`, reporting val/acc to Optuna after every epoch so the median pruner
-can stop hopeless trials early. The study is kept in `<study folder>/study.db` (SQLite): the same
-command run again adds trials to it until it holds hparams_search.n_trials.
+can stop hopeless trials early. The study is kept in `<study folder>/journal.log`, Optuna's journal
+storage, which several workers (processes, SLURM jobs) may share through a shared file system; a
+database URL in hparams_search.storage serves the same purpose. The same command, run again or run
+as several workers at once, adds trials until the study holds hparams_search.n_trials in all.
 
 Optuna is driven directly rather than through Hydra's Optuna sweeper plugin, which requires
 optuna<3 and, running each trial through a launcher, cannot report to Optuna during training.
@@ -15,7 +17,7 @@ import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import hydra
 from hydra.core.config_store import ConfigStore
@@ -40,10 +42,14 @@ class SearchConfig:
     seed: int = 42
     pruner: PrunerConfig = field(default_factory=PrunerConfig)
     params: Any = None  # nested training keys -> {low, high, log} or {choices}
+    storage: Optional[str] = None  # None: journal.log in the study folder; or a database URL
 
     def __post_init__(self) -> None:
         if self.n_trials < 1:
             raise UserError(f"hparams_search.n_trials={self.n_trials!r} is not valid: expected 1 or more")
+        if self.storage is not None and "://" not in self.storage:
+            raise UserError(f"hparams_search.storage={self.storage!r} is not valid: expected a database URL "
+                            "(postgresql://USER@HOST/DB, mysql://...), or null for journal.log in the study folder")
 
 
 @dataclass
@@ -82,7 +88,7 @@ def suggest(trial, space: dict) -> dict[str, Any]:
 
 
 def tune(cfg: DictConfig, study_dir: str | Path):
-    """Run the study in study_dir until it holds n_trials finished trials; return it."""
+    """Run trials of the study in study_dir until it holds n_trials in all (with other workers'); return it."""
     require("sweep", "python -m src.tune", "optuna", "optuna_integration")
     config = validated(cfg)
     search = config.hparams_search
@@ -99,6 +105,7 @@ def tune(cfg: DictConfig, study_dir: str | Path):
             raise UserError(f"hparams_search.params.{key} is not valid: {key} is not a key of the training config")
 
     import optuna
+    from filelock import FileLock
     from optuna.trial import TrialState
     from optuna_integration import PyTorchLightningPruningCallback
 
@@ -106,17 +113,19 @@ def tune(cfg: DictConfig, study_dir: str | Path):
 
     study_dir = Path(study_dir)
     study_dir.mkdir(parents=True, exist_ok=True)
-    storage = f"sqlite:///{(study_dir / 'study.db').resolve()}"
+    # Held while a worker creates or loads the study, and while it counts the trials and asks for the next.
+    lock = FileLock(study_dir / ".ask.lock")
+    with lock:
+        study = optuna.create_study(
+            study_name=search.study_name, storage=open_storage(search.storage, study_dir), load_if_exists=True,
+            direction="minimize" if "loss" in metric else "maximize",
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=search.pruner.n_startup_trials,
+                                               n_warmup_steps=search.pruner.n_warmup_steps),
+        )
     finished = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    study = optuna.create_study(
-        study_name=search.study_name, storage=storage, load_if_exists=True,
-        direction="minimize" if "loss" in metric else "maximize",
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=search.pruner.n_startup_trials,
-                                           n_warmup_steps=search.pruner.n_warmup_steps),
-    )
     done = len(study.get_trials(deepcopy=False, states=finished))
-    # Seeded by the trials so far: a resumed run draws new points, not the first run's again.
-    study.sampler = optuna.samplers.TPESampler(seed=search.seed + done)
+    if done:
+        log.info("resuming study %r in %s: %d of %d trials done", search.study_name, study_dir, done, search.n_trials)
 
     def objective(trial) -> float:
         values = suggest(trial, space)
@@ -127,12 +136,49 @@ def tune(cfg: DictConfig, study_dir: str | Path):
         return train(trial_cfg, study_dir / f"trial_{trial.number}",
                      callbacks=(PyTorchLightningPruningCallback(trial, monitor=metric),))
 
-    if done:
-        log.info("resuming study %r in %s: %d of %d trials done", search.study_name, study_dir, done, search.n_trials)
-    # A trial whose settings cannot train (divergence, say) is recorded as failed; the search goes on.
-    study.optimize(objective, n_trials=max(0, search.n_trials - done), catch=(UserError,))
+    # study.optimize(n_trials=N) runs N trials per worker, and MaxTrialsCallback stops a worker only
+    # after a trial, so workers that start at once overshoot the total. Counting the trials and
+    # asking for the next one under a lock in the study folder makes n_trials the study's total.
+    while True:
+        with lock:
+            number = len(study.get_trials(deepcopy=False))  # every state: running trials are taken
+            if number >= search.n_trials:
+                break
+            # Seeded by the trial's number: each worker's trials are new points, and one worker
+            # draws the same points as before; constant_liar keeps TPE away from running trials.
+            study.sampler = optuna.samplers.TPESampler(seed=search.seed + number, constant_liar=True)
+            trial = study.ask()
+        try:
+            value = objective(trial)
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+        except UserError as error:  # settings that cannot train (divergence, say): failed; the search goes on
+            log.warning("trial %d failed: %s", trial.number, error)
+            study.tell(trial, state=TrialState.FAIL)
+        except BaseException:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        else:
+            study.tell(trial, value)
     report(study, metric)
     return study
+
+
+def open_storage(url: str | None, study_dir: Path):
+    """The study's storage: the URL given, else Optuna's journal file in the study folder.
+
+    A study.db left there by earlier versions (SQLite, one worker at a time) is resumed as it is.
+    """
+    import optuna
+
+    if url is not None:
+        return url
+    journal, legacy = study_dir / "journal.log", study_dir / "study.db"
+    if legacy.is_file() and not journal.exists():
+        log.warning("resuming %s (SQLite): run one worker at a time on it, or copy it into journal.log "
+                    "with optuna.copy_study (see the README) to run several", legacy)
+        return f"sqlite:///{legacy.resolve()}"
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
 
 
 def report(study, metric: str) -> None:

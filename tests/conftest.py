@@ -74,3 +74,39 @@ def _no_download(monkeypatch):
 
     monkeypatch.setattr(tv_mnist, "download_and_extract_archive", refuse)
     monkeypatch.setattr(tv_utils, "download_and_extract_archive", refuse)
+
+
+SLURM_DIR = ROOT / "tests" / "slurm"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> dict[str, str]:
+    """A real one-node SLURM cluster (tests/slurm/cluster.sh), started once per session and
+    stopped at its end (unless it was running before). Yields the environment variables that
+    point SLURM's commands at it: SLURM_CONF, and PATH with the cluster's sacct first.
+
+    Skipped where it cannot run (not root; SLURM missing and no apt-get), unless CI is set."""
+    import os
+    import shutil
+    import subprocess
+
+    reason = None
+    if os.geteuid() != 0:
+        reason = "the test SLURM cluster needs root to run slurmctld and slurmd"
+    elif not shutil.which("slurmd") and not shutil.which("apt-get"):
+        reason = "slurm-wlm is not installed and there is no apt-get to install it"
+    if reason:
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    script = str(SLURM_DIR / "cluster.sh")
+    started = subprocess.run([script, "start"], capture_output=True, text=True, timeout=900)
+    assert started.returncode == 0, f"{script} start failed:\n{started.stderr[-3000:]}"
+    conf = started.stdout.strip().splitlines()[-1].removeprefix("export SLURM_CONF=")
+    env = {"SLURM_CONF": conf, "PATH": f"{SLURM_DIR / 'bin'}{os.pathsep}{os.environ['PATH']}"}
+    try:
+        yield env
+    finally:
+        if "already running" not in started.stderr:  # another session's cluster is left to it
+            stopped = subprocess.run([script, "stop"], capture_output=True, text=True, timeout=120)
+            assert stopped.returncode == 0, f"{script} stop failed:\n{stopped.stderr[-3000:]}"

@@ -155,7 +155,7 @@ def test_optuna_search_prunes_and_resumes(tiny_data, tmp_path):
             "hparams_search.params.optimizer.lr.low=1e-7", f"hydra.run.dir={study_dir}"]
     first = run("src.tune", *args, "hparams_search.n_trials=4", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    storage = f"sqlite:///{study_dir / 'study.db'}"
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(study_dir / "journal.log")))
     study = optuna.load_study(study_name="mnist-mlp", storage=storage)
     states = [t.state for t in study.trials]
     assert len(states) == 4 and optuna.trial.TrialState.PRUNED in states
