@@ -113,6 +113,14 @@ class CheckpointOnInterrupt(L.Callback):
         trainer.save_checkpoint(self.path)
         if trainer.is_global_zero:
             resume = shlex.join(["python", "-m", "src.train",
-                                 *[a for a in sys.argv[1:] if not a.startswith("ckpt_path=")], f"ckpt_path={self.path}"])
+                                 *[a for a in _run_overrides() if not a.startswith("ckpt_path=")], f"ckpt_path={self.path}"])
             print(f"\nInterrupted in epoch {trainer.current_epoch + 1} after {trainer.global_step} steps; saved {self.path}"
                   f"\nResume with: {resume}", file=sys.stderr, flush=True)
+
+
+def _run_overrides() -> list[str]:
+    """This run's own key=value overrides: from Hydra, since the command line may be a sweep's
+    (`-m` and lists of values) or submitit's on a SLURM node, neither of which resumes one run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else sys.argv[1:]

@@ -154,6 +154,10 @@ def test_a_job_killed_by_slurm_is_a_failed_row_and_resumes_from_last_ckpt(slurm_
     assert row["error"].startswith(f"UncompletedJobError: SLURM job {job_id} ended CANCELLED without returning: "
                                    f"Interrupted in epoch ")  # SIGTERM: the run saved where it stood
     steps = int(re.search(r"after (\d+) steps; saved " + re.escape(str(checkpoint)), row["error"]).group(1))
+    # The job's log says how to resume that one run: its own overrides, not submitit's command line.
+    (log,) = (sweep_dir / ".submitit" / job_id).glob("*_log.err")
+    assert f"Resume with: python -m src.train {' '.join(args[len(SLURM_CPU):])} trainer.max_epochs=100 " \
+           f"ckpt_path={checkpoint}" in log.read_text()
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["global_step"] == steps
 
