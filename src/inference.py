@@ -73,12 +73,19 @@ def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
     return LoadedModel(net.eval().to(device), hparams, data, class_names(data.get("name"), hparams["num_classes"]))
 
 
-def class_names(dataset: str | None, num_classes: int) -> list[str]:
-    from src.idx import DATASET_CLASSES
+# Short forms of torchvision's MNIST.classes ("3 - three" -> "3") and FashionMNIST.classes, written
+# out so that predicting and serving need no torchvision, whose import alone takes about 1.8 s here
+# (it pulls in torch._dynamo); tests/test_predict.py checks that they are still torchvision's.
+CLASS_NAMES = {
+    "mnist": [str(k) for k in range(10)],
+    "fashion_mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"],
+}
 
-    if dataset not in DATASET_CLASSES:
-        return [str(k) for k in range(num_classes)]
-    return [name.split(" - ")[0] for name in DATASET_CLASSES[dataset].classes]  # MNIST's "3 - three" -> "3"
+
+def class_names(dataset: str | None, num_classes: int) -> list[str]:
+    """A short name per class of the dataset a checkpoint was trained on; "0".."9" for unknown data."""
+    return list(CLASS_NAMES.get(dataset) or (str(k) for k in range(num_classes)))
 
 
 def open_picture(path: str | Path, what: str | None = None):

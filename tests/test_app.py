@@ -182,6 +182,7 @@ def report():
             time.sleep(0.1)
     print("served after", round(time.time() - {start}, 2), "s", flush=True)
     print("lightning imported:", any(m.split(".")[0] == "lightning" for m in sys.modules), flush=True)
+    print("torchvision imported:", "torchvision" in sys.modules, flush=True)
     os._exit(0)
 threading.Thread(target=report, daemon=True).start()
 runpy.run_module("src.app", run_name="__main__")
@@ -189,16 +190,19 @@ runpy.run_module("src.app", run_name="__main__")
 
 
 @pytest.mark.slow
-def test_the_page_is_served_without_lightning(tmp_path, any_model):
+def test_the_page_is_served_without_lightning_or_torchvision(tmp_path, any_model):
+    """Importing either takes seconds; serving one small network needs neither."""
     torch.save({"state_dict": {f"net.{k}": v for k, v in any_model.net.state_dict().items()},
-                "hyper_parameters": {"input_size": 784, "hidden": 16, "num_classes": 10}}, tmp_path / "any.ckpt")
+                "hyper_parameters": {"input_size": 784, "hidden": 16, "num_classes": 10},
+                "datamodule_hyper_parameters": {"name": "fashion_mnist"}}, tmp_path / "any.ckpt")
     port = free_port()
     code = SERVE_AND_REPORT.format(ckpt=tmp_path / "any.ckpt", port=port, start=time.time())
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=app_env(), capture_output=True,
                             text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "checkpoint: " in result.stdout and "hidden=16" in result.stdout  # (the page may answer before "serving on")
-    assert "lightning imported: False" in result.stdout, result.stdout
+    assert "lightning imported: False" in result.stdout and "torchvision imported: False" in result.stdout, result.stdout
+    assert "trained on fashion_mnist" in result.stdout
 
 
 # Real handwriting: a model trained on 8000 of MNIST's test digits reads the others through /classify.

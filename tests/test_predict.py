@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageOps
 from src.config import UserError
 from src.idx import load_split, prepare_files
 from src.model import MNISTClassifier
-from src.inference import load_model, read_image
+from src.inference import CLASS_NAMES, load_model, read_image
 from src.predict import predict
 from src.train import train
 from tests.conftest import MNIST_T10K, ROOT, compose_config, compose_train, make_digits, write_dataset, write_idx
@@ -345,3 +345,9 @@ def test_predict_does_not_import_lightning(workdir, trained):
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "probabilities:" in result.stdout and "lightning imported: False" in result.stdout
+
+
+def test_the_class_names_written_out_are_torchvisions():
+    from src.idx import DATASET_CLASSES
+
+    assert CLASS_NAMES == {name: [c.split(" - ")[0] for c in dataset.classes] for name, dataset in DATASET_CLASSES.items()}
