@@ -151,14 +151,15 @@ def test_a_sweep_names_each_job_in_tensorboard_and_puts_them_in_one_mlflow_exper
     result = subprocess.run(
         [sys.executable, "-m", "src.train", "-m", f"data.data_dir={data}", "trainer.max_epochs=2", "data.batch_size=64",
          "model.hidden=16,32", "logger=[tensorboard,mlflow]", f"hydra.sweep.dir={sweep_dir}",
-         "hydra.job.config.override_dirname.exclude_keys=[data.data_dir,logger]"],
+         "hydra.job.config.override_dirname.exclude_keys=[data.data_dir]"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "mlruns.db").is_file()  # the default store, in the working directory
 
     for job, hidden in (("0", 16), ("1", 32)):
         (log_dir,) = (sweep_dir / job / "tensorboard").iterdir()
-        assert log_dir.name == f"model.hidden={hidden}"  # what `tensorboard --logdir SWEEP` calls the run
+        # What `tensorboard --logdir SWEEP` calls the run: Hydra's override_dirname, less the excluded keys.
+        assert log_dir.name == f"data.batch_size=64,logger=[tensorboard,mlflow],model.hidden={hidden},trainer.max_epochs=2"
         events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0}).Reload()
         assert [(e.step, e.value) for e in events.Scalars("test/acc")] == csv_series(sweep_dir / job / "metrics.csv")["test/acc"]
 
@@ -184,7 +185,7 @@ def test_mlflow_ui_lists_the_runs_of_the_store(tracked):
     port = free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
     server = subprocess.Popen([str(mlflow), "ui", "--backend-store-uri", f"sqlite:///{folder / 'mlruns.db'}",
-                               "--host", "127.0.0.1", "--port", str(port)],
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                               cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                               start_new_session=True)  # its own process group: the workers stop with it
     try:
@@ -209,8 +210,22 @@ def test_mlflow_ui_lists_the_runs_of_the_store(tracked):
         with urllib.request.urlopen(artifacts, timeout=10) as reply:
             assert "confusion_matrix.png" in {f["path"] for f in json.load(reply)["files"]}
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        os.killpg(server.pid, signal.SIGTERM)  # the server, its worker and MLflow's job consumers
         server.wait(timeout=30)
+    assert stopped(server.pid), "a process of mlflow ui outlived SIGTERM"
+
+
+def stopped(group: int, wait: float = 15) -> bool:
+    """Whether every process of a group has exited (killed if not, after `wait` seconds)."""
+    deadline = time.time() + wait
+    while time.time() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    os.killpg(group, signal.SIGKILL)
+    return False
 
 
 @pytest.mark.parametrize("logger", ["mlflow", "tensorboard"])
