@@ -20,7 +20,7 @@ from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from src.config import TrainConfig
+from src.config import TrainConfig, UserError, one_line
 
 RUN_ID_KEY = "mlflow_run_id"  # in every checkpoint of an MLflow-tracked run, so that resuming continues it
 FIGURES = ("training_curves.png", "confusion_matrix.png")
@@ -128,14 +128,15 @@ class RecordMLflowRun(Callback):
 
 
 def _mlflow_logger(config: TrainConfig, run_dir: Path, resume_from: dict | None, job: dict) -> ConfigMLFlowLogger:
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     _quiet_mlflow()
     uri = config.logger.tracking_uri
-    client = MlflowClient(uri)
     experiment = config.logger.experiment_name or job["name"]
     run_id = (resume_from or {}).get(RUN_ID_KEY)
+    if rank_zero_only.rank != 0:  # a DDP process other than the first: its logger logs nothing
+        return ConfigMLFlowLogger(params={}, experiment_name=experiment, tracking_uri=uri, run_id=run_id)
+    client = _open_experiment(uri, experiment)
     if run_id is not None:
         try:
             client.update_run(run_id, status="RUNNING")  # Lightning marked it FAILED when it was interrupted
@@ -143,16 +144,46 @@ def _mlflow_logger(config: TrainConfig, run_dir: Path, resume_from: dict | None,
         except MlflowException:
             print(f"note: MLflow run {run_id} of this checkpoint is not in {uri}; starting a new run", file=sys.stderr)
             run_id = None
-    try:  # created here, not by the logger: parallel sweep jobs may race to create it
-        client.create_experiment(experiment)
-    except MlflowException as error:
-        if error.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
     tags = {"overrides": " ".join(job["overrides"]), "run_dir": str(run_dir.resolve())}
     if job["sweep"]:  # the UI's runs table can group by it; jobs share the experiment already
         tags.update(sweep=job["sweep"], job=str(job["num"]))
     return ConfigMLFlowLogger(params=config_params(config), experiment_name=experiment, tracking_uri=uri, tags=tags,
                               run_name=" ".join(job["overrides"]) or str(run_dir), run_id=run_id)
+
+
+def _open_experiment(uri: str, experiment: str):
+    """A client of the store at `uri`, which holds `experiment`; a bad or unreachable store is one line."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    with _store_lock(uri):
+        try:
+            client = MlflowClient(uri)  # opens the store: a new SQLite file is created and migrated here
+        except MlflowException as error:
+            raise UserError(f"logger.tracking_uri={uri!r} is not valid: {one_line(error)}") from None
+        try:  # here rather than in the logger, which does not expect another job to create it meanwhile
+            client.create_experiment(experiment)
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise UserError(f"MLflow at logger.tracking_uri={uri} could not create experiment {experiment!r}: "
+                                f"{one_line(error)}") from None
+    return client
+
+
+def _store_lock(uri: str):
+    """A lock that the jobs of a sweep on this machine take in turn while opening a SQLite store:
+    the first creates its tables, and a second job migrating them at once fails. (Kept in the
+    temporary folder, so that no lock file is left beside the store.)"""
+    import contextlib
+    import hashlib
+    import tempfile
+
+    from filelock import FileLock
+
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    database = str(Path(uri[len("sqlite:///"):]).resolve())
+    return FileLock(Path(tempfile.gettempdir()) / f"mlflow-store-{hashlib.sha256(database.encode()).hexdigest()[:16]}.lock")
 
 
 def _hydra_job() -> dict:

@@ -25,7 +25,7 @@ from mlflow import MlflowClient  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: E402
 
-from src.config import validated  # noqa: E402
+from src.config import UserError, validated  # noqa: E402
 from src.tracking import RUN_ID_KEY, config_params  # noqa: E402
 from src.train import train  # noqa: E402
 from tests.conftest import ROOT, compose_train, write_dataset  # noqa: E402
@@ -124,6 +124,7 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path, monkeypatch, capsys):
     assert f"ckpt_path={checkpoint}" in capsys.readouterr().err
     client = MlflowClient(f"sqlite:///{store}")
     (interrupted,) = client.search_runs([client.get_experiment_by_name("train").experiment_id])
+    assert interrupted.info.status == "FAILED"  # as Lightning marks a run that stopped early
     assert torch.load(checkpoint, weights_only=True)[RUN_ID_KEY] == interrupted.info.run_id
 
     train(tracked_run(data, store, "trainer.max_epochs=3", f"ckpt_path={checkpoint}"), tmp_path / "resumed")
@@ -142,8 +143,18 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path, monkeypatch, capsys):
     assert {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "checkpoints")} == {"last.ckpt"}
 
 
+def test_a_store_mlflow_cannot_open_is_one_line_before_training(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_train(f"data.data_dir={write_dataset(tmp_path / 'data')}", *SETTINGS, "logger=mlflow",
+                        "logger.tracking_uri=foo://host")
+    with pytest.raises(UserError, match=r"^logger.tracking_uri='foo://host' is not valid: .*unsupported URI"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_a_sweep_names_each_job_in_tensorboard_and_puts_them_in_one_mlflow_experiment(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     data = write_dataset(tmp_path / "data")
     sweep_dir = tmp_path / "sweep"
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "MLFLOW_TRACKING_URI")}
@@ -151,6 +162,7 @@ def test_a_sweep_names_each_job_in_tensorboard_and_puts_them_in_one_mlflow_exper
     result = subprocess.run(
         [sys.executable, "-m", "src.train", "-m", f"data.data_dir={data}", "trainer.max_epochs=2", "data.batch_size=64",
          "model.hidden=16,32", "logger=[tensorboard,mlflow]", f"hydra.sweep.dir={sweep_dir}",
+         "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",  # both jobs open the new store at once
          "hydra.job.config.override_dirname.exclude_keys=[data.data_dir]"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
