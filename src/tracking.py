@@ -61,6 +61,8 @@ def log_results(loggers: list[Logger], config: TrainConfig, run_dir: Path, metri
         elif isinstance(logger, MLFlowLogger):
             for figure in FIGURES:
                 logger.experiment.log_artifact(logger.run_id, str(run_dir / figure))
+            # The folder as it ends up; MLFlowLogger(log_model=True) would upload the files of only one
+            # ModelCheckpoint (the last to save: best-*, with a validation split), each in a folder of its own.
             logger.experiment.log_artifacts(logger.run_id, str(run_dir / "checkpoints"), "checkpoints")
             logger.finalize("success")
 

@@ -142,6 +142,17 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path, monkeypatch, capsys):
     assert run.data.tags["resumed_with"] == f"ckpt_path={checkpoint}"
     assert {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "checkpoints")} == {"last.ckpt"}
 
+    # Resumed into a store that lacks the checkpoint's run: a new run there, and a note saying so.
+    resumed = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    assert torch.load(resumed, weights_only=True)[RUN_ID_KEY] == run.info.run_id
+    capsys.readouterr()
+    train(tracked_run(data, tmp_path / "other.db", "trainer.max_epochs=4", f"ckpt_path={resumed}"), tmp_path / "other")
+    assert f"note: MLflow run {run.info.run_id} of this checkpoint is not in sqlite:///{tmp_path / 'other.db'}" \
+        in capsys.readouterr().err
+    other = MlflowClient(f"sqlite:///{tmp_path / 'other.db'}")
+    (new,) = other.search_runs([other.get_experiment_by_name("train").experiment_id])
+    assert new.info.run_id != run.info.run_id and new.info.status == "FINISHED"
+
 
 def test_a_store_mlflow_cannot_open_is_one_line_before_training(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
