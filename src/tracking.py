@@ -185,7 +185,8 @@ def _store_lock(uri: str):
     if not uri.startswith("sqlite:///"):
         return contextlib.nullcontext()
     database = str(Path(uri[len("sqlite:///"):]).resolve())
-    return FileLock(Path(tempfile.gettempdir()) / f"mlflow-store-{hashlib.sha256(database.encode()).hexdigest()[:16]}.lock")
+    name = hashlib.sha256(database.encode()).hexdigest()[:16]
+    return FileLock(Path(tempfile.gettempdir()) / f"mlflow-store-{name}.lock")
 
 
 def _hydra_job() -> dict:
