@@ -110,11 +110,31 @@ class TrainerConfig:
 
 
 @dataclass
+class LoggerConfig:
+    """Loggers beside the CSV logger (metrics.csv is always written): conf/logger/*.yaml.
+
+    Flags rather than one name, so that logger=[tensorboard,mlflow] merges two options into one node.
+    """
+
+    tensorboard: bool = False
+    mlflow: bool = False
+    tracking_uri: str = "sqlite:///mlruns.db"  # MLflow's store: a database URI, a folder or http://HOST:PORT
+    experiment_name: Optional[str] = None  # None: the entry point's name
+
+    def __post_init__(self) -> None:
+        _check(self.tracking_uri.strip() != "", "logger.tracking_uri", self.tracking_uri,
+               "expected an MLflow tracking URI, e.g. sqlite:///mlruns.db or http://HOST:5000")
+        _check(self.experiment_name is None or self.experiment_name.strip() != "", "logger.experiment_name",
+               self.experiment_name, "expected a name, or null for the entry point's name")
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 42
     ckpt_path: Optional[str] = None  # resume training from this checkpoint
     optimized_metric: Optional[str] = None  # what main returns to a sweep; None: val/acc with a val split, else test/acc

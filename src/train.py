@@ -1,7 +1,8 @@
 """Train, test and save the Keras MNIST model: `python -m src.train [key=value ...]`.
 
 Everything the run writes goes into its Hydra run folder: .hydra/ (the composed config),
-checkpoints/last.ckpt, metrics.csv, training_curves.png and confusion_matrix.png.
+checkpoints/last.ckpt, metrics.csv, training_curves.png and confusion_matrix.png (and with
+logger=tensorboard, tensorboard/; logger=mlflow logs to MLflow's store: src/tracking.py).
 """
 
 from __future__ import annotations
@@ -18,21 +19,22 @@ from omegaconf import DictConfig
 
 from src.checkpoint import check_architecture, load_checkpoint
 from src.config import TrainConfig, UserError, exit_on_user_error, run_hydra, sweep_metric, validated
+from src.extras import require
 
 
 def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = ()) -> float:
     """Fit and test as configured, plus any extra Lightning `callbacks`; return the metric a sweep optimises."""
     config: TrainConfig = validated(cfg)  # checks every key and value before anything starts
     _refuse_ddp_in_a_local_sweep(config)
+    _require_loggers(config)
     resume_from = load_checkpoint(config.ckpt_path) if config.ckpt_path is not None else None
 
     # Imported after the checks above, so that bad input fails in a fraction of a second.
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from src import plots
+    from src import plots, tracking
     from src.callbacks import AtomicCheckpointIO, CheckpointOnInterrupt, KerasProgressBar
     from src.data import MNISTDataModule
     from src.idx import DATASET_CLASSES
@@ -55,13 +57,14 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = ()) -> float:
         checkpoints.append(ModelCheckpoint(dirpath=checkpoint_dir, monitor="val/acc", mode="max",
                                            filename="best-epoch{epoch:02d}-val_acc{val/acc:.4f}",
                                            auto_insert_metric_name=False))
+    loggers, logger_callbacks = tracking.build_loggers(config, run_dir, resume_from)  # metrics.csv, and logger=...
     trainer_args = {k: v for k, v in dataclasses.asdict(config.trainer).items() if v is not None}
     limit_val_batches = trainer_args.pop("limit_val_batches", 1.0) if has_val else 0
     trainer = L.Trainer(
         **trainer_args,
         default_root_dir=run_dir,
-        logger=CSVLogger(save_dir=run_dir, name="", version=""),
-        callbacks=[*checkpoints, CheckpointOnInterrupt(checkpoint_dir), *callbacks]
+        logger=loggers,
+        callbacks=[*checkpoints, CheckpointOnInterrupt(checkpoint_dir), *logger_callbacks, *callbacks]
         + ([KerasProgressBar()] if config.trainer.enable_progress_bar else []),
         plugins=[AtomicCheckpointIO()],
         limit_val_batches=limit_val_batches,
@@ -81,7 +84,15 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = ()) -> float:
     plots.training_curves(run_dir / "metrics.csv", run_dir / "training_curves.png")
     plots.confusion_matrix(model.test_confusion, DATASET_CLASSES[config.data.name].classes,
                            run_dir / "confusion_matrix.png")
+    tracking.log_results(trainer.loggers, config, run_dir, metrics, trainer.global_step)
     return metrics[sweep_metric(config)]
+
+
+def _require_loggers(config: TrainConfig) -> None:
+    """logger=tensorboard or logger=mlflow without the package: one line naming the extra."""
+    for name in ("tensorboard", "mlflow"):
+        if getattr(config.logger, name):
+            require("track", f"logger={name}", name)
 
 
 def _refuse_ddp_in_a_local_sweep(config: TrainConfig) -> None:
