@@ -47,6 +47,17 @@ def write_dataset(folder: Path, n_train: int = 600, n_test: int = 200, gz: bool 
     return folder
 
 
+def real_digits() -> tuple[np.ndarray, np.ndarray]:
+    """MNIST's 10,000 real test digits (uint8 (N, 28, 28)) and labels from ../shared; skips the test without them."""
+    if not (MNIST_T10K / "t10k-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"real MNIST digits not found in {MNIST_T10K}")
+    with gzip.open(MNIST_T10K / "t10k-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read()[16:], np.uint8).reshape(-1, 28, 28)
+    with gzip.open(MNIST_T10K / "t10k-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read()[8:], np.uint8)
+    return images, labels
+
+
 @pytest.fixture
 def tiny_data(tmp_path) -> Path:
     """A fresh data folder holding four tiny gzip'd IDX files (600 train, 200 test images)."""

@@ -3,7 +3,6 @@ the page itself in a real browser (Debian's Chromium), and start-up without Ligh
 
 from __future__ import annotations
 
-import gzip
 import math
 import os
 import shutil
@@ -11,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -24,7 +22,7 @@ from src.app import CANVAS, MIN_DRAWING, SEEN, classify_picture, read_sketch, re
 from src.config import UserError
 from src.inference import LoadedModel, MAX_PIXELS, open_picture, prepare_picture
 from src.network import build_mlp
-from tests.conftest import MNIST_T10K, ROOT, compose_config, compose_train, write_idx
+from tests.conftest import ROOT, compose_config, compose_train, real_digits, write_idx
 
 CHROMIUM = Path("/usr/bin/chromium")
 # APP_SCREENSHOT=docs/app.png python -m pytest tests/test_app.py -k browser: also puts the browser test's
@@ -206,16 +204,6 @@ def test_the_page_is_served_without_lightning_or_torchvision(tmp_path, any_model
 
 
 # Real handwriting: a model trained on 8000 of MNIST's test digits reads the others through /classify.
-
-def real_digits() -> tuple[np.ndarray, np.ndarray]:
-    if not (MNIST_T10K / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"real MNIST digits not found in {MNIST_T10K}")
-    with gzip.open(MNIST_T10K / "t10k-images-idx3-ubyte.gz") as f:
-        images = np.frombuffer(f.read()[16:], np.uint8).reshape(-1, 28, 28)
-    with gzip.open(MNIST_T10K / "t10k-labels-idx1-ubyte.gz") as f:
-        labels = np.frombuffer(f.read()[8:], np.uint8)
-    return images, labels
-
 
 @pytest.fixture(scope="module")
 def real_checkpoint(tmp_path_factory) -> Path:

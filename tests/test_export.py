@@ -22,7 +22,7 @@ from src.export import export
 from src.idx import load_split, prepare_files
 from src.inference import load_model
 from src.train import train
-from tests.conftest import MNIST_T10K, ROOT, compose_config, compose_train, write_dataset, write_idx
+from tests.conftest import MNIST_T10K, ROOT, compose_config, compose_train, real_digits, write_dataset, write_idx
 from tests.test_extras import run_without
 
 onnx = pytest.importorskip("onnx")
@@ -275,7 +275,6 @@ def test_readme_snippet_classifies_real_digits_without_torch(tmp_path):
         pytest.skip(f"real MNIST digits not found in {MNIST_T10K}")
     snippet = readme_snippet()
     assert len(snippet.strip().splitlines()) == 6 and "torch" not in snippet.replace("onnxruntime", "")
-    from tests.test_predict import real_digits
 
     images, labels = real_digits()
     data = tmp_path / "data"

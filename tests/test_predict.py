@@ -3,7 +3,6 @@ prepares a user's picture (checked on real handwritten digits when they are avai
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
 import subprocess
@@ -21,7 +20,7 @@ from src.model import MNISTClassifier
 from src.inference import CLASS_NAMES, load_model, read_image
 from src.predict import predict
 from src.train import train
-from tests.conftest import MNIST_T10K, ROOT, compose_config, compose_train, make_digits, write_dataset, write_idx
+from tests.conftest import ROOT, compose_config, compose_train, make_digits, real_digits, write_dataset, write_idx
 
 HIDDEN = 16  # not the default 512: predict must rebuild the model from the checkpoint alone
 
@@ -265,16 +264,6 @@ def test_command_line_run_and_bad_input_exit_codes(workdir):
 
 
 # Real handwriting: MNIST's own test digits, saved the way a user's picture arrives.
-
-def real_digits() -> tuple[np.ndarray, np.ndarray]:
-    if not (MNIST_T10K / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"real MNIST digits not found in {MNIST_T10K}")
-    with gzip.open(MNIST_T10K / "t10k-images-idx3-ubyte.gz") as f:
-        images = np.frombuffer(f.read()[16:], np.uint8).reshape(-1, 28, 28)
-    with gzip.open(MNIST_T10K / "t10k-labels-idx1-ubyte.gz") as f:
-        labels = np.frombuffer(f.read()[8:], np.uint8)
-    return images, labels
-
 
 def as_users_picture(digit: np.ndarray, path: Path, k: int) -> Path:
     """Dark ink on white paper, enlarged to 200x200, off-centre on a larger page, in RGB."""

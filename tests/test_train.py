@@ -11,7 +11,6 @@ import sys
 import lightning as L
 import pytest
 import torch
-import torch.nn.functional as F
 
 from src.config import UserError
 from src.data import MNISTDataModule
