@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -47,10 +48,22 @@ def write_dataset(folder: Path, n_train: int = 600, n_test: int = 200, gz: bool 
     return folder
 
 
+def needs(present: bool, reason: str) -> None:
+    """Skip a test whose input this machine lacks (a Debian package, ../shared); under CI, whose
+    .ci/run installs all of them, fail instead: a skip there would hide a missing install step."""
+    if not present:
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (.ci/run should have provided it)")
+        pytest.skip(reason)
+
+
+def needs_fashion() -> None:
+    needs(FASHION.is_dir(), f"Fashion-MNIST not found in {FASHION}: apt-get install dataset-fashion-mnist")
+
+
 def real_digits() -> tuple[np.ndarray, np.ndarray]:
     """MNIST's 10,000 real test digits (uint8 (N, 28, 28)) and labels from ../shared; skips the test without them."""
-    if not (MNIST_T10K / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"real MNIST digits not found in {MNIST_T10K}")
+    needs((MNIST_T10K / "t10k-images-idx3-ubyte.gz").is_file(), f"real MNIST digits not found in {MNIST_T10K}")
     with gzip.open(MNIST_T10K / "t10k-images-idx3-ubyte.gz") as f:
         images = np.frombuffer(f.read()[16:], np.uint8).reshape(-1, 28, 28)
     with gzip.open(MNIST_T10K / "t10k-labels-idx1-ubyte.gz") as f:
@@ -97,7 +110,6 @@ def slurm_cluster() -> dict[str, str]:
     point SLURM's commands at it: SLURM_CONF, and PATH with the cluster's sacct first.
 
     Skipped where it cannot run (not root; SLURM missing and no apt-get), unless CI is set."""
-    import os
     import shutil
     import subprocess
 
@@ -106,10 +118,7 @@ def slurm_cluster() -> dict[str, str]:
         reason = "the test SLURM cluster needs root to run slurmctld and slurmd"
     elif not shutil.which("slurmd") and not shutil.which("apt-get"):
         reason = "slurm-wlm is not installed and there is no apt-get to install it"
-    if reason:
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+    needs(reason is None, reason)
     script = str(SLURM_DIR / "cluster.sh")
     started = subprocess.run([script, "start"], capture_output=True, text=True, timeout=900)
     assert started.returncode == 0, f"{script} start failed:\n{started.stderr[-3000:]}"

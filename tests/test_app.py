@@ -22,7 +22,7 @@ from src.app import CANVAS, MIN_DRAWING, SEEN, classify_picture, read_sketch, re
 from src.config import UserError
 from src.inference import LoadedModel, MAX_PIXELS, open_picture, prepare_picture
 from src.network import build_mlp
-from tests.conftest import ROOT, compose_config, compose_train, real_digits, write_idx
+from tests.conftest import ROOT, compose_config, compose_train, needs, real_digits, write_idx
 
 CHROMIUM = Path("/usr/bin/chromium")
 # APP_SCREENSHOT=docs/app.png python -m pytest tests/test_app.py -k browser: also puts the browser test's
@@ -288,11 +288,7 @@ def test_classify_answers_bad_pictures_and_keeps_serving(client, tmp_path):
 
 @pytest.fixture(scope="module")
 def browser():
-    if not CHROMIUM.exists():
-        reason = f"{CHROMIUM} not found: apt-get install chromium"
-        if os.environ.get("CI"):  # CI installs Chromium: a skip there would hide a failure
-            pytest.fail(reason)
-        pytest.skip(reason)
+    needs(CHROMIUM.exists(), f"{CHROMIUM} not found: apt-get install chromium")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

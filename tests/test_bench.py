@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import FASHION, ROOT
+from tests.conftest import ROOT, needs_fashion
 
 
 @pytest.mark.slow
@@ -28,8 +28,8 @@ def test_quick_benchmark_reports_each_loop_beside_the_hand_written_one():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist")
 def test_quick_process_benchmark_reports_both_processes_and_start_up():
+    needs_fashion()
     # This Python, not the base-only venv the benchmark makes by default (that takes minutes to install).
     result = subprocess.run([sys.executable, "bench/speed.py", "--mode", "process", "--quick", "--python", sys.executable],
                             cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -22,7 +22,7 @@ from src.export import export
 from src.idx import load_split, prepare_files
 from src.inference import load_model
 from src.train import train
-from tests.conftest import MNIST_T10K, ROOT, compose_config, compose_train, real_digits, write_dataset, write_idx
+from tests.conftest import ROOT, compose_config, compose_train, real_digits, write_dataset, write_idx
 from tests.test_extras import run_without
 
 onnx = pytest.importorskip("onnx")
@@ -271,12 +271,10 @@ def readme_snippet() -> str:
 @pytest.mark.slow
 def test_readme_snippet_classifies_real_digits_without_torch(tmp_path):
     """Exactly as written in the README, in a process where torch cannot be imported, on PNGs of real digits."""
-    if not (MNIST_T10K / "t10k-images-idx3-ubyte.gz").is_file():
-        pytest.skip(f"real MNIST digits not found in {MNIST_T10K}")
+    images, labels = real_digits()  # skips without ../shared
     snippet = readme_snippet()
     assert len(snippet.strip().splitlines()) == 6 and "torch" not in snippet.replace("onnxruntime", "")
 
-    images, labels = real_digits()
     data = tmp_path / "data"
     data.mkdir()
     write_idx(data / "train-images-idx3-ubyte.gz", images[:6000])

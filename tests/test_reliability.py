@@ -21,7 +21,7 @@ from src.config import UserError, one_line
 from src.idx import IDX_FILES, DataError, load_split, prepare_files, raw_folder
 from src.model import DivergedError, MNISTClassifier
 from src.train import train
-from tests.conftest import FASHION, ROOT, compose_train, write_idx
+from tests.conftest import ROOT, compose_train, needs_fashion, write_idx
 
 EPOCHS, BATCH = 3, 64  # tiny data: 600 images -> 10 steps per epoch
 
@@ -153,8 +153,8 @@ def _prepare_and_load(args):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist (47 MB to unpack)")
 def test_two_processes_prepare_the_same_empty_folder_at_once(tmp_path):
+    needs_fashion()
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager:
         barrier = manager.Barrier(2)

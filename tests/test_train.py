@@ -16,7 +16,7 @@ from src.config import UserError
 from src.data import MNISTDataModule
 from src.model import MNISTClassifier
 from src.train import train
-from tests.conftest import FASHION, ROOT, compose_train
+from tests.conftest import ROOT, compose_train, needs_fashion
 
 LINE = re.compile(r"^test_loss: (\d+\.\d+) test_acc: (\d+\.\d+)$", re.M)
 
@@ -153,9 +153,9 @@ def test_bad_input_gets_one_line_and_no_traceback(tmp_path, args, expected):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist")
 def test_fashion_mnist_reaches_keras_accuracy(tmp_path, capsys):
     """5 epochs with the defaults; Keras with the same model and settings reached 0.866-0.875."""
+    needs_fashion()
     cfg = compose_train("data=fashion_mnist", f"data.data_dir={tmp_path / 'data'}", "trainer.accelerator=cpu")
     acc = train(cfg, tmp_path / "run")
     assert acc >= 0.86, acc
