@@ -1,6 +1,6 @@
 """The original Keras program (Deep Learning with Python, chapter 2), for `bench/speed.py --mode
 process --keras-python PYTHON`: the same steps, reading the IDX files from a folder because
-`mnist.load_data()` needs the internet. Needs TensorFlow (`pip install tensorflow-cpu`)."""
+`mnist.load_data()` needs the internet. Needs TensorFlow and matplotlib (`pip install tensorflow-cpu matplotlib`)."""
 
 import argparse
 import gzip
