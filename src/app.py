@@ -17,7 +17,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from src.config import AppConfig, UserError, exit_on_user_error, run_hydra, validated
-from src.inference import RUN_FOLDERS, LoadedModel, load_model, newest_checkpoint, open_picture, prepare_picture
+from src.inference import LoadedModel, chosen_checkpoint, load_model, open_picture, prepare_picture
 
 CANVAS = 280  # sketchpad pixels a side: ten for each of MNIST's 28
 BRUSH = 12  # brush radius in canvas pixels: a stroke about a tenth of the square, as thick as MNIST's pen
@@ -144,16 +144,12 @@ def serve(cfg: DictConfig, block: bool = True):
     from src.extras import require
 
     require("app", "python -m src.app", "gradio")
-    if config.ckpt_path is not None:
-        ckpt_path, source = Path(config.ckpt_path), "ckpt_path"
-    else:
-        ckpt_path, source = newest_checkpoint(), f"the newest last.ckpt under {', '.join(f + '/' for f in RUN_FOLDERS)}"
+    ckpt_path, source = chosen_checkpoint(config.ckpt_path)
     model = load_model(ckpt_path)
-    trained = f"hidden={model.hparams['hidden']}, trained on {model.dataset or 'unknown data'}"
-    print(f"checkpoint: {ckpt_path} ({source}; {trained})")
+    print(f"checkpoint: {ckpt_path} ({source}; {model.summary})")
 
     offline()
-    page = build_page(model, f"`{ckpt_path}` ({trained})")
+    page = build_page(model, f"`{ckpt_path}` ({model.summary})")
     try:
         page.launch(server_name=config.host, server_port=config.port, share=False, ssr_mode=False, quiet=True,
                     max_file_size=MAX_UPLOAD, prevent_thread_lock=True, show_error=True)

@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from src.config import ExportConfig, UserError, exit_on_user_error, one_line, run_hydra, validated
-from src.inference import RUN_FOLDERS, LoadedModel, load_model, newest_checkpoint
+from src.inference import LoadedModel, chosen_checkpoint, load_model
 
 PARITY_IMAGES = 1000  # test images the exported model must agree on
 TOLERANCE = 1e-5  # largest absolute difference allowed between exported and PyTorch probabilities
@@ -49,18 +49,14 @@ def export(cfg: DictConfig) -> Path:
         from src.extras import require
 
         require("export", "format=onnx", "onnx", "onnxruntime", "onnxscript")
-    if config.ckpt_path is not None:
-        ckpt_path, source = Path(config.ckpt_path), "ckpt_path"
-    else:
-        ckpt_path, source = newest_checkpoint(), f"the newest last.ckpt under {', '.join(f + '/' for f in RUN_FOLDERS)}"
+    ckpt_path, source = chosen_checkpoint(config.ckpt_path)
     model = load_model(ckpt_path)
     target = Path(config.out) if config.out is not None else ckpt_path.parent / FILE_NAMES[config.format]
     what = f"out={config.out!r}" if config.out is not None else f"{target} (the default, beside the checkpoint)"
     if target.resolve() == ckpt_path.resolve():
         raise UserError(f"{what} is the checkpoint itself: give another file to write the model to")
     with _written_in_one_step(target, what, FILE_NAMES[config.format]) as partial:
-        print(f"checkpoint: {ckpt_path} ({source}; hidden={model.hparams['hidden']}, "
-              f"trained on {model.dataset or 'unknown data'})")
+        print(f"checkpoint: {ckpt_path} ({source}; {model.summary})")
         images, described = _parity_images(model, config)
         wrapped = Probabilities(model.net).eval()
         if config.format == "onnx":

@@ -36,6 +36,11 @@ class LoadedModel:
     def dataset(self) -> str | None:
         return self.data.get("name")
 
+    @property
+    def summary(self) -> str:
+        """What the entry points print about the model they use: "hidden=512, trained on mnist"."""
+        return f"hidden={self.hparams['hidden']}, trained on {self.dataset or 'unknown data'}"
+
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """(n, 28, 28) or (n, 784) images in [0, 1] -> (n, classes) softmax probabilities, on the CPU."""
         device = next(self.net.parameters()).device
@@ -50,6 +55,13 @@ def newest_checkpoint(folders: tuple[str, ...] = RUN_FOLDERS) -> Path:
         raise UserError(f"no checkpoint found: no last.ckpt under {' or '.join(f + '/' for f in folders)} in "
                         f"{Path.cwd()}; train one with `python -m src.train`, or give ckpt_path=FILE")
     return max(found, key=lambda path: path.stat().st_mtime)
+
+
+def chosen_checkpoint(ckpt_path: str | None) -> tuple[Path, str]:
+    """The checkpoint an entry point uses, and how it was chosen: ckpt_path, else the newest last.ckpt."""
+    if ckpt_path is not None:
+        return Path(ckpt_path), "ckpt_path"
+    return newest_checkpoint(), f"the newest last.ckpt under {', '.join(f + '/' for f in RUN_FOLDERS)}"
 
 
 def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
@@ -106,7 +118,7 @@ def open_picture(path: str | Path, what: str | None = None):
     except Image.DecompressionBombError as error:  # Pillow's own limit, for sizes it finds while opening
         raise UserError(f"{what} is too large to classify ({one_line(error)[:160]}); "
                         f"scale it down to at most {MAX_PIXELS // 1_000_000} million pixels") from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
+    except (UnidentifiedImageError, OSError, ValueError) as error:
         raise UserError(f"{what} is not an image Pillow can read ({one_line(str(error).splitlines()[0])[:160]})") from None
     return picture
 
@@ -127,10 +139,11 @@ def prepare_picture(picture, what: str = "the picture") -> torch.Tensor:
     """
     from PIL import Image
 
-    if isinstance(picture, np.ndarray):
+    if isinstance(picture, np.ndarray):  # checked before _as_uint8 copies it
         check_size(*(picture.shape[1::-1] if picture.ndim >= 2 else (picture.size, 1)), what)
         picture = Image.fromarray(_as_uint8(picture))
-    check_size(*picture.size, what)
+    else:
+        check_size(*picture.size, what)
     if picture.mode in ("RGBA", "LA", "PA") or "transparency" in picture.info:
         # A drawing on a transparent canvas: its ground is taken to be white paper.
         picture = Image.alpha_composite(Image.new("RGBA", picture.size, "white"), picture.convert("RGBA"))

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 
 from src.config import PredictConfig, UserError, exit_on_user_error, run_hydra, validated
-from src.inference import RUN_FOLDERS, load_model, newest_checkpoint, read_image
+from src.inference import chosen_checkpoint, load_model, read_image
 
 ORIGINAL_IDX = 3  # the original program classifies train_images[3]
 
@@ -44,10 +44,7 @@ def predict(cfg: DictConfig, run_dir: str | Path) -> list[Prediction]:
     config: PredictConfig = validated(cfg)
     _check_device(config.device)
     own_image = read_image(config.image) if config.image is not None else None
-    if config.ckpt_path is not None:
-        ckpt_path, source = Path(config.ckpt_path), "ckpt_path"
-    else:
-        ckpt_path, source = newest_checkpoint(), f"the newest last.ckpt under {', '.join(f + '/' for f in RUN_FOLDERS)}"
+    ckpt_path, source = chosen_checkpoint(config.ckpt_path)
     model = load_model(ckpt_path, config.device)
     dataset, classes = model.dataset, model.classes
 
@@ -60,7 +57,7 @@ def predict(cfg: DictConfig, run_dir: str | Path) -> list[Prediction]:
         images, labels = _dataset_images(ckpt_path, model.data, config, indices)
         names = titles = [f"{dataset} {config.split}[{i}]" for i in indices]
         stems = [f"{config.split}_{i}" for i in indices]
-    print(f"checkpoint: {ckpt_path} ({source}; hidden={model.hparams['hidden']}, trained on {dataset or 'unknown data'})")
+    print(f"checkpoint: {ckpt_path} ({source}; {model.summary})")
     probabilities = model.probabilities(images)
 
     from src import plots
