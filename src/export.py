@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from src.atomic import replaced_in_one_step
 from src.config import ExportConfig, UserError, exit_on_user_error, one_line, run_hydra, validated
 from src.inference import LoadedModel, chosen_checkpoint, load_model
 
@@ -76,24 +75,16 @@ def _written_in_one_step(target: Path, what: str, example_name: str):
     so that a failed or interrupted export leaves no half-written model (and keeps an older one)."""
     if target.is_dir():
         raise UserError(f"{what} is a folder: give the path of the file to write, e.g. out={target / example_name}")
-    try:
-        handle, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial")
-    except OSError as error:
-        reason = (f"the folder {target.parent} does not exist" if isinstance(error, FileNotFoundError) else
-                  f"{target.parent} is not a folder" if isinstance(error, NotADirectoryError) else
-                  f"{target.parent} is not writable ({error.strerror})")
-        hint = "" if what.startswith("out=") else "; give out=FILE"
-        raise UserError(f"{what} cannot be written: {reason}{hint}") from None
-    os.close(handle)
-    partial = Path(name)
-    umask = os.umask(0o022)
-    os.umask(umask)
-    partial.chmod(0o666 & ~umask)  # mkstemp's 0600 would make the model private to this user
-    try:
+    with contextlib.ExitStack() as stack:
+        try:
+            partial = stack.enter_context(replaced_in_one_step(target, suffix=".partial"))
+        except OSError as error:
+            reason = (f"the folder {target.parent} does not exist" if isinstance(error, FileNotFoundError) else
+                      f"{target.parent} is not a folder" if isinstance(error, NotADirectoryError) else
+                      f"{target.parent} is not writable ({error.strerror})")
+            hint = "" if what.startswith("out=") else "; give out=FILE"
+            raise UserError(f"{what} cannot be written: {reason}{hint}") from None
         yield partial
-        os.replace(partial, target)
-    finally:
-        partial.unlink(missing_ok=True)
 
 
 def _parity_images(model: LoadedModel, config: ExportConfig) -> tuple[torch.Tensor, str]:
