@@ -20,16 +20,31 @@ from src.sweep import last_metrics
 from tests.conftest import ROOT, compose_config, compose_train
 
 
-def run(module: str, *args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+def entry_env(**extra: str) -> dict:
+    """This process's environment for an entry point's process, with `extra`: the repository importable,
+    and neither HYDRA_FULL_ERROR nor PYTHONWARNINGS of the caller."""
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "PYTHONWARNINGS")}
-    env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True,
+    return {**env, **extra, "PYTHONPATH": str(ROOT)}
+
+
+def run(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env or entry_env(), capture_output=True,
                           text=True, timeout=timeout)
 
 
 def read_summary(sweep_dir: Path) -> list[dict]:
     with open(sweep_dir / "summary.csv", newline="") as f:
         return list(csv.DictReader(f))
+
+
+def completed_jobs(sweep_dir: Path, swept: list[str]) -> list[dict]:
+    """The summary's rows, checked: one per value in `swept`, each completed, with its own job's test/acc."""
+    rows = read_summary(sweep_dir)
+    assert sorted(row["overrides"].split()[-1] for row in rows) == sorted(swept)
+    for row in rows:
+        assert row["status"] == "completed"
+        assert float(row["test/acc"]) == pytest.approx(last_metrics(sweep_dir / row["job"] / "metrics.csv")["test/acc"])
+    return rows
 
 
 @pytest.mark.slow
@@ -104,12 +119,7 @@ def test_submitit_local_sweep(tiny_data, tmp_path):
 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Submitit 'local' sweep" in result.stdout + result.stderr
-    rows = read_summary(sweep_dir)
-    assert sorted(row["overrides"].split()[-1] for row in rows) == ["model.hidden=16", "model.hidden=8"]
-    for row in rows:
-        job_dir = sweep_dir / row["job"]
-        assert row["status"] == "completed"
-        assert float(row["test/acc"]) == pytest.approx(last_metrics(job_dir / "metrics.csv")["test/acc"])
+    completed_jobs(sweep_dir, ["model.hidden=16", "model.hidden=8"])
     assert len(list((sweep_dir / ".submitit").glob("*/*_result.pkl"))) == 2  # ran as submitit jobs
     assert "note: ranked on the test set" in result.stdout  # no validation split: the summary says so
 
