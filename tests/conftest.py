@@ -48,6 +48,22 @@ def write_dataset(folder: Path, n_train: int = 600, n_test: int = 200, gz: bool 
     return folder
 
 
+def entry_env(*drop: str, **extra: str) -> dict:
+    """This process's environment for a `python -m src.X` subprocess: the repository importable, `extra`
+    added, and without HYDRA_FULL_ERROR and PYTHONWARNINGS (which change what the tests read) or `drop`."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "PYTHONWARNINGS", *drop)}
+    return {**env, **extra, "PYTHONPATH": str(ROOT)}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a server a test starts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def needs(present: bool, reason: str) -> None:
     """Skip a test whose input this machine lacks (a Debian package, ../shared); under CI, whose
     .ci/run installs all of them, fail instead: a skip there would hide a missing install step."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from src.app import CANVAS, MIN_DRAWING, SEEN, classify_picture, read_sketch, re
 from src.config import UserError
 from src.inference import LoadedModel, MAX_PIXELS, open_picture, prepare_picture
 from src.network import build_mlp
-from tests.conftest import ROOT, compose_config, compose_train, needs, real_digits, write_idx
+from tests.conftest import ROOT, compose_config, compose_train, entry_env, free_port, needs, real_digits, write_idx
 
 CHROMIUM = Path("/usr/bin/chromium")
 # APP_SCREENSHOT=docs/app.png python -m pytest tests/test_app.py -k browser: also puts the browser test's
@@ -131,15 +130,8 @@ def test_uploads_are_read_as_predict_reads_them(any_model, tmp_path):
 
 # The command line: bad configuration stops before the server starts; Lightning is never imported.
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def app_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    return {**env, "PYTHONPATH": str(ROOT), "NO_PROXY": "127.0.0.1,localhost"}
+    return entry_env(NO_PROXY="127.0.0.1,localhost")
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -22,7 +22,7 @@ from src.export import export
 from src.idx import load_split, prepare_files
 from src.inference import load_model
 from src.train import train
-from tests.conftest import ROOT, compose_config, compose_train, real_digits, write_dataset, write_idx
+from tests.conftest import ROOT, compose_config, compose_train, entry_env, real_digits, write_dataset, write_idx
 from tests.test_extras import run_without
 
 onnx = pytest.importorskip("onnx")
@@ -221,9 +221,7 @@ def test_a_read_only_folder_is_one_clear_error(workdir):
 
 
 def command(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run([sys.executable, "-m", "src.export", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "src.export", *args], cwd=cwd, env=entry_env(), capture_output=True,
                           text=True, timeout=180)
 
 

@@ -6,13 +6,12 @@ makes Python treat it as absent), since the test environment has every extra ins
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import entry_env
 
 HIDE_AND_RUN = """
 import runpy, sys
@@ -24,10 +23,9 @@ runpy.run_module("{module}", run_name="__main__", alter_sys=True)
 
 
 def run_without(hidden: list[str], module: str, *args: str, cwd) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env["PYTHONPATH"] = str(ROOT)
     code = HIDE_AND_RUN.format(hidden=hidden, module=module, args=list(args))
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=entry_env(), capture_output=True, text=True,
+                          timeout=120)
 
 
 @pytest.mark.parametrize("launcher, plugin", [

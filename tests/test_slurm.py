@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from src.sweep import last_metrics
-from tests.test_sweep import completed_jobs, entry_env, read_summary, run
+from tests.conftest import entry_env
+from tests.test_sweep import completed_jobs, read_summary, run
 
 pytestmark = pytest.mark.slow
 

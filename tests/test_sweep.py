@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,14 +16,7 @@ from pathlib import Path
 import pytest
 
 from src.sweep import last_metrics
-from tests.conftest import ROOT, compose_config, compose_train
-
-
-def entry_env(**extra: str) -> dict:
-    """This process's environment for an entry point's process, with `extra`: the repository importable,
-    and neither HYDRA_FULL_ERROR nor PYTHONWARNINGS of the caller."""
-    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "PYTHONWARNINGS")}
-    return {**env, **extra, "PYTHONPATH": str(ROOT)}
+from tests.conftest import compose_config, compose_train, entry_env
 
 
 def run(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:

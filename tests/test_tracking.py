@@ -9,7 +9,6 @@ import csv
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: E402
 from src.config import UserError, validated  # noqa: E402
 from src.tracking import RUN_ID_KEY, config_params  # noqa: E402
 from src.train import train  # noqa: E402
-from tests.conftest import ROOT, compose_train, write_dataset  # noqa: E402
+from tests.conftest import compose_train, entry_env, free_port, write_dataset  # noqa: E402
 from tests.test_extras import run_without  # noqa: E402
 from tests.test_reliability import interrupt_at_step  # noqa: E402
 
@@ -168,8 +167,7 @@ def test_a_sweep_names_each_job_in_tensorboard_and_puts_them_in_one_mlflow_exper
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     data = write_dataset(tmp_path / "data")
     sweep_dir = tmp_path / "sweep"
-    env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "MLFLOW_TRACKING_URI")}
-    env["PYTHONPATH"] = str(ROOT)
+    env = entry_env("MLFLOW_TRACKING_URI")
     result = subprocess.run(
         [sys.executable, "-m", "src.train", "-m", f"data.data_dir={data}", "trainer.max_epochs=2", "data.batch_size=64",
          "model.hidden=16,32", "logger=[tensorboard,mlflow]", f"hydra.sweep.dir={sweep_dir}",
@@ -194,12 +192,6 @@ def test_a_sweep_names_each_job_in_tensorboard_and_puts_them_in_one_mlflow_exper
                                                    f"model.hidden={h} logger=[tensorboard,mlflow]" for h in (16, 32)}
     assert {run.data.tags["sweep"] for run in runs} == {str(sweep_dir)}
     assert {run.data.params["model.hidden"] for run in runs} == {"16", "32"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -272,7 +264,7 @@ runpy.run_module("src.train", run_name="__main__", alter_sys=True)
 @pytest.mark.slow
 def test_a_default_run_neither_imports_nor_writes_a_tracker(tmp_path):
     data = write_dataset(tmp_path / "data")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = entry_env()
     args = [f"data.data_dir={data}", "trainer.max_epochs=1", "model.hidden=16", f"hydra.run.dir={tmp_path / 'run'}"]
     result = subprocess.run([sys.executable, "-c", DEFAULT_RUN.format(args=args)], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
