@@ -98,7 +98,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as folder:
             work = pictures(Path(folder), args.digits, args.requests)
             sys.path.insert(0, str(ROOT))
-            from src.inference import load_model, read_image
+            from src.inference import load_model
+            from src.pictures import read_image
 
             model = load_model(args.ckpt)  # the answer each request must get: the model's own, in this process
             expected = [model.classes[int(model.probabilities(read_image(path)[None])[0].argmax())] for path, _ in work]

@@ -12,12 +12,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from src.config import AppConfig, UserError, exit_on_user_error, run_hydra, validated
-from src.inference import LoadedModel, chosen_checkpoint, load_model, open_picture, prepare_picture
+from src.cli import entry_point
+from src.config import AppConfig, validated
+from src.errors import UserError
+from src.inference import LoadedModel, chosen_checkpoint, load_model
+from src.pictures import open_picture, prepare_picture
+from src.run_context import RunContext
 
 CANVAS = 280  # sketchpad pixels a side: ten for each of MNIST's 28
 BRUSH = 12  # brush radius in canvas pixels: a stroke about a tenth of the square, as thick as MNIST's pen
@@ -163,12 +166,11 @@ def serve(cfg: DictConfig, block: bool = True):
     return page
 
 
-@hydra.main(config_path="../conf", config_name="app", version_base="1.3")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
+@entry_point("app")
+def main(cfg: DictConfig, context: RunContext) -> None:
     serve(cfg)
 
 
 if __name__ == "__main__":
     offline()  # before anything imports gradio
-    run_hydra(main)
+    main()

@@ -4,7 +4,6 @@ Ctrl-C/SIGTERM, and checkpoint files that are never left half-written."""
 from __future__ import annotations
 
 import os
-import shlex
 import signal
 import sys
 import threading
@@ -18,6 +17,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from src.atomic import replaced_in_one_step
+from src.run_context import RunContext
+from src.run_files import LAST_CKPT
 
 
 class KerasProgressBar(TQDMProgressBar):
@@ -67,8 +68,9 @@ class CheckpointOnInterrupt(L.Callback):
     the next batch, as Lightning does for SIGTERM. A second Ctrl-C stops at once, unsaved.
     """
 
-    def __init__(self, dirpath: str | Path):
-        self.path = Path(dirpath) / "last.ckpt"
+    def __init__(self, dirpath: str | Path, context: RunContext):
+        self.path = Path(dirpath) / LAST_CKPT
+        self.context = context  # says how to resume
         self.stop_requested = self.stopped_at_once = False
         self._previous_handler = None
 
@@ -104,15 +106,5 @@ class CheckpointOnInterrupt(L.Callback):
             return
         trainer.save_checkpoint(self.path)
         if trainer.is_global_zero:
-            resume = shlex.join(["python", "-m", "src.train",
-                                 *[a for a in _run_overrides() if not a.startswith("ckpt_path=")], f"ckpt_path={self.path}"])
             print(f"\nInterrupted in epoch {trainer.current_epoch + 1} after {trainer.global_step} steps; saved {self.path}"
-                  f"\nResume with: {resume}", file=sys.stderr, flush=True)
-
-
-def _run_overrides() -> list[str]:
-    """This run's own key=value overrides: from Hydra, since the command line may be a sweep's
-    (`-m` and lists of values) or submitit's on a SLURM node, neither of which resumes one run."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else sys.argv[1:]
+                  f"\nResume with: {self.context.resume_command(self.path)}", file=sys.stderr, flush=True)

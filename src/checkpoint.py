@@ -1,6 +1,8 @@
 """Reading checkpoints that may come from anywhere: tensors and plain values only, clear errors.
 
-Kept free of Lightning so that `python -m src.predict` starts quickly.
+Also the one reader of a checkpoint's layout: the network's weights under `net.`, its shape in the
+LightningModule's hyperparameters, the dataset in the data module's. Kept free of Lightning so that
+`python -m src.predict` starts quickly.
 """
 
 from __future__ import annotations
@@ -12,7 +14,10 @@ from pathlib import Path
 
 import torch
 
-from src.config import UserError, one_line
+from src.errors import UserError, one_line
+
+NET_PREFIX = "net."  # MNISTClassifier keeps the network as `net`: its weights are "net.0.weight", ...
+FIRST_LAYER = f"{NET_PREFIX}0.weight"  # (hidden, input_size): the shape that tells two models apart
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -47,6 +52,22 @@ def check_architecture(checkpoint: dict, path: str | Path, model: torch.nn.Modul
     if theirs != ours:
         hidden = checkpoint["hyper_parameters"].get("hidden")
         raise UserError(f"ckpt_path={str(path)!r} holds a model of another architecture "
-                        f"(hidden={hidden}, weights {theirs.get('net.0.weight')}) than this run's "
-                        f"(hidden={getattr(model, 'hparams', {}).get('hidden')}, weights {ours.get('net.0.weight')}); "
+                        f"(hidden={hidden}, weights {theirs.get(FIRST_LAYER)}) than this run's "
+                        f"(hidden={getattr(model, 'hparams', {}).get('hidden')}, weights {ours.get(FIRST_LAYER)}); "
                         "set model.hidden to match it, or start without ckpt_path")
+
+
+def architecture(checkpoint: dict) -> tuple[int, int, int]:
+    """(input_size, hidden, num_classes) of the checkpoint's network; KeyError if it does not say."""
+    hparams = checkpoint["hyper_parameters"]
+    return hparams["input_size"], hparams["hidden"], hparams["num_classes"]
+
+
+def network_weights(checkpoint: dict) -> dict:
+    """The plain network's state dict: the LightningModule's `net.` weights (its metrics hold none)."""
+    return {k.removeprefix(NET_PREFIX): v for k, v in checkpoint["state_dict"].items() if k.startswith(NET_PREFIX)}
+
+
+def data_settings(checkpoint: dict) -> dict:
+    """The data module's hyperparameters: `name` (the dataset), `data_dir`, `val_size`, `seed`, ...; {} if none."""
+    return dict(checkpoint.get("datamodule_hyper_parameters") or {})

@@ -1,37 +1,22 @@
-"""The typed schema of conf/*.yaml and the one-line errors every entry point reports.
+"""The typed schema of conf/*.yaml, and the validation of a composed config.
 
 Hydra checks keys and types against these dataclasses while it composes the config;
 `__post_init__` checks ranges when `OmegaConf.to_object` builds them, before any work starts.
+Importing this module registers the schemas in Hydra's ConfigStore (compose needs them).
 """
 
 from __future__ import annotations
 
-import functools
-import os
-import re
-import sys
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from src.errors import UserError
+
 DATASETS = ("mnist", "fashion_mnist")
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
-
-
-class UserError(Exception):
-    """Bad input: reported as one line and a non-zero exit, never as a traceback."""
-
-
-# Terminal escape sequences (colours, bold: PyTorch's weights_only message has them) and other
-# control characters, which foreign text may carry into an error line.
-_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def one_line(text: object) -> str:
-    """Text fit for a one-line error: escape codes and control characters removed, whitespace collapsed."""
-    return " ".join(_ESCAPES.sub("", str(text)).split())
 
 
 def _check(ok: bool, key: str, value: Any, valid: str) -> None:
@@ -239,85 +224,3 @@ def validated(cfg):
 
     check_keys(cfg, "")
     return OmegaConf.to_object(cfg)
-
-
-_ONE_LINE = "_MNIST_ONE_LINE_ERRORS"  # set while run_hydra made Hydra raise config errors
-
-
-def _one_line(error: BaseException) -> str:
-    """Hydra's and OmegaConf's multi-line messages, and their causes, as one line."""
-    lines: list[str] = []
-    while error is not None:
-        for line in str(error).splitlines():
-            line = line.strip()
-            noise = ("full_key:", "reference_type=", "object_type=", "Config search path", "provider=",
-                     "Set the environment", "To append")
-            if line and not line.startswith(noise) and line not in lines:
-                lines.append(line)
-        error = error.__cause__
-    text = "; ".join(lines)
-    unknown = re.search(r"Key '\w+' not in '(\w+)'", text)
-    schema = globals().get(unknown.group(1)) if unknown else None
-    if is_dataclass(schema):
-        text += f"; valid keys are {', '.join(f.name for f in fields(schema))}"
-    # "Available options in 'optimizer':; adam; rmsprop" -> "Available options in 'optimizer': adam, rmsprop"
-    return re.sub(r":; (.*)$", lambda m: ": " + m.group(1).replace("; ", ", "), text)
-
-
-def run_hydra(hydra_main) -> None:
-    """Run a @hydra.main function so that config errors print one line and exit 1.
-
-    Hydra prints a bad override, an unknown key, a wrong type or a missing group option over
-    several lines. With HYDRA_FULL_ERROR=1 it raises them instead, so they are caught here;
-    the task wrapper restores the user's setting once the config is composed.
-    """
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from src.extras import check_launcher
-
-    try:
-        check_launcher(sys.argv[1:])  # before Hydra, which would only say it cannot find the launcher
-    except UserError as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        sys.exit(1)
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for full tracebacks
-        return hydra_main()
-    os.environ["HYDRA_FULL_ERROR"] = os.environ[_ONE_LINE] = "1"
-    try:
-        return hydra_main()
-    except (HydraException, OmegaConfBaseException) as error:
-        print(f"error: {one_line(_one_line(error))}", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        _stop_one_line_errors()
-
-
-def _stop_one_line_errors() -> None:
-    """Give HYDRA_FULL_ERROR back to the user, if run_hydra set it (once: the first caller does it)."""
-    if os.environ.pop(_ONE_LINE, None):
-        os.environ.pop("HYDRA_FULL_ERROR", None)
-
-
-def exit_on_user_error(task):
-    """Wrap a Hydra task: a UserError becomes one line on stderr and exit status 1.
-
-    In a multirun the error is re-raised instead, so that Hydra records the job as failed
-    and the sweep goes on with the next job.
-    """
-
-    @functools.wraps(task)
-    def wrapper(*args, **kwargs):
-        _stop_one_line_errors()  # composed: bugs in the task keep Hydra's usual report
-        try:
-            return task(*args, **kwargs)
-        except UserError as error:
-            from hydra.core.hydra_config import HydraConfig
-            from hydra.types import RunMode
-
-            if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-                raise
-            print(f"error: {one_line(error)}", file=sys.stderr)
-            sys.exit(1)
-
-    return wrapper

@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from src.config import UserError
+from src.errors import UserError
 from src.idx import load_split, prepare_files
 
 

@@ -15,13 +15,15 @@ import json
 import warnings
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
 from src.atomic import replaced_in_one_step
-from src.config import ExportConfig, UserError, exit_on_user_error, one_line, run_hydra, validated
+from src.cli import entry_point
+from src.config import ExportConfig, validated
+from src.errors import UserError, one_line
 from src.inference import LoadedModel, chosen_checkpoint, load_model
+from src.run_context import RunContext
 
 PARITY_IMAGES = 1000  # test images the exported model must agree on
 TOLERANCE = 1e-5  # largest absolute difference allowed between exported and PyTorch probabilities
@@ -178,11 +180,10 @@ def _check_parity(exported: torch.Tensor, expected: torch.Tensor, described: str
     print(line)
 
 
-@hydra.main(config_path="../conf", config_name="export", version_base="1.3")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
+@entry_point("export")
+def main(cfg: DictConfig, context: RunContext) -> None:
     export(cfg)
 
 
 if __name__ == "__main__":
-    run_hydra(main)
+    main()

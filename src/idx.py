@@ -18,7 +18,8 @@ from filelock import FileLock
 from torchvision.datasets import MNIST, FashionMNIST
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from src.config import DATASETS, UserError
+from src.config import DATASETS
+from src.errors import UserError
 
 DATASET_CLASSES = {"mnist": MNIST, "fashion_mnist": FashionMNIST}
 assert tuple(DATASET_CLASSES) == DATASETS

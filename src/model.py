@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from src.config import UserError
-from src.network import KerasRMSprop, build_mlp
+from src.config import OptimizerConfig
+from src.errors import UserError
+from src.network import build_mlp, keras_optimizer
 
 # Cross-entropy over 10 classes starts near ln(10) = 2.3; an epoch mean above this means the
 # logits have exploded (Keras's RMSprop normalises steps, so even lr=1e6 stays finite).
@@ -22,15 +23,17 @@ class MNISTClassifier(L.LightningModule):
     """784 -> hidden (ReLU) -> 10. forward returns logits; predict_step returns probabilities.
 
     Every argument is a plain number or string, so a checkpoint's hyperparameters load with
-    torch.load(weights_only=True) and rebuild the model without Hydra.
+    torch.load(weights_only=True) and rebuild the model without Hydra. `optimizer_settings` are the
+    other fields of src.config.OptimizerConfig (lr, rho, eps, momentum, beta1, beta2), Keras's
+    defaults where left out.
     """
 
-    def __init__(self, hidden: int = 512, optimizer: str = "rmsprop", lr: float = 1e-3, rho: float = 0.9,
-                 eps: float = 1e-7, momentum: float = 0.0, beta1: float = 0.9, beta2: float = 0.999,
-                 input_size: int = 28 * 28, num_classes: int = 10):
+    def __init__(self, hidden: int = 512, optimizer: str = "rmsprop", input_size: int = 28 * 28,
+                 num_classes: int = 10, **optimizer_settings: float):
         super().__init__()
         self.automatic_optimization = False  # see training_step
         self.save_hyperparameters()
+        self.optimizer_settings = OptimizerConfig(name=optimizer, **optimizer_settings)
         self.net = build_mlp(input_size, hidden, num_classes)
         # Metrics accumulate on the device with no sync per step; they are computed locally
         # (the progress bar reads them mid-epoch on one process) and averaged over processes
@@ -114,21 +117,14 @@ class MNISTClassifier(L.LightningModule):
         if not weights_finite or not math.isfinite(loss) or loss > DIVERGED_LOSS:
             what = "the weights are no longer finite" if not weights_finite else f"train/loss reached {loss:.3g}"
             raise DivergedError(f"training diverged in epoch {self.current_epoch + 1}: {what} "
-                                f"(optimizer.lr={self.hparams.lr} is likely too large); no checkpoint of it was written")
+                                f"(optimizer.lr={self.optimizer_settings.lr} is likely too large); no checkpoint of it was written")
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # Every save passes here (after validation, on Ctrl-C): a diverged model is never written.
         self._stop_if_diverged()
 
     def configure_optimizers(self):
-        h = self.hparams
-        if h.optimizer == "rmsprop":
-            return KerasRMSprop(self.parameters(), lr=h.lr, rho=h.rho, eps=h.eps)
-        if h.optimizer == "adam":
-            return torch.optim.Adam(self.parameters(), lr=h.lr, betas=(h.beta1, h.beta2), eps=h.eps)
-        if h.optimizer == "sgd":
-            return torch.optim.SGD(self.parameters(), lr=h.lr, momentum=h.momentum)
-        raise UserError(f"optimizer.name={h.optimizer!r} is not valid: expected one of rmsprop, adam, sgd")
+        return keras_optimizer(self.parameters(), self.optimizer_settings)
 
 
 class DivergedError(UserError):

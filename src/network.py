@@ -1,9 +1,11 @@
-"""The Keras network and its optimizer in plain PyTorch, free of Lightning (predict uses it alone)."""
+"""The Keras network and its optimizers in plain PyTorch, free of Lightning (predict uses it alone)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from src.config import OPTIMIZERS, OptimizerConfig
 
 
 class KerasRMSprop(torch.optim.Optimizer):
@@ -56,3 +58,18 @@ def build_mlp(input_size: int = 28 * 28, hidden: int = 512, num_classes: int = 1
         nn.ReLU(),
         keras_dense_init(nn.Linear(hidden, num_classes)),
     )
+
+
+# Keras's optimizers by the names of config.OPTIMIZERS (the conf/optimizer/ files), with the settings of
+# config.OptimizerConfig in Keras's names: rmsprop's rho is torch's alpha, adam's beta1/beta2 its betas.
+_BUILD = {
+    "rmsprop": lambda params, s: KerasRMSprop(params, lr=s.lr, rho=s.rho, eps=s.eps),
+    "adam": lambda params, s: torch.optim.Adam(params, lr=s.lr, betas=(s.beta1, s.beta2), eps=s.eps),
+    "sgd": lambda params, s: torch.optim.SGD(params, lr=s.lr, momentum=s.momentum),
+}
+assert tuple(_BUILD) == OPTIMIZERS
+
+
+def keras_optimizer(params, settings: OptimizerConfig) -> torch.optim.Optimizer:
+    """The optimizer `settings.name` over `params`, with Keras's update and defaults."""
+    return _BUILD[settings.name](params, settings)

@@ -10,12 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import torch
 from omegaconf import DictConfig
 
-from src.config import PredictConfig, UserError, exit_on_user_error, run_hydra, validated
-from src.inference import chosen_checkpoint, load_model, read_image
+from src.cli import entry_point
+from src.config import PredictConfig, validated
+from src.errors import UserError
+from src.inference import chosen_checkpoint, load_model
+from src.pictures import read_image
+from src.run_context import RunContext
 
 ORIGINAL_IDX = 3  # the original program classifies train_images[3]
 
@@ -99,13 +102,10 @@ def _dataset_images(ckpt_path: Path, data: dict, config: PredictConfig, indices:
     return x[index].reshape(len(indices), 28, 28), y[index].argmax(dim=1).tolist()
 
 
-@hydra.main(config_path="../conf", config_name="predict", version_base="1.3")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
-    predict(cfg, HydraConfig.get().runtime.output_dir)
+@entry_point("predict")
+def main(cfg: DictConfig, context: RunContext) -> None:
+    predict(cfg, context.output_dir)
 
 
 if __name__ == "__main__":
-    run_hydra(main)
+    main()

@@ -22,7 +22,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from src.config import one_line, sweep_metric
+from src.config import sweep_metric
+from src.errors import one_line
+from src.run_files import METRICS, last_checkpoint
 
 RESULT_FILE = "result.json"
 COLUMNS = ("job", "overrides", "status", "val/acc", "test/acc", "epochs", "wall_s", "checkpoint", "error")
@@ -88,8 +90,8 @@ def collect(sweep_dir: Path) -> list[dict]:
     for result_file in sorted(sweep_dir.glob(f"**/{RESULT_FILE}")):
         job_dir = result_file.parent
         result = json.loads(result_file.read_text())
-        metrics = last_metrics(job_dir / "metrics.csv")
-        checkpoint = job_dir / "checkpoints" / "last.ckpt"
+        metrics = last_metrics(job_dir / METRICS)
+        checkpoint = last_checkpoint(job_dir)
         rows.append({
             **result,
             "overrides": " ".join(result["overrides"]),

@@ -20,25 +20,27 @@ from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from src.config import TrainConfig, UserError, one_line
+from src.config import TrainConfig
+from src.errors import UserError, one_line
+from src.run_context import RunContext
+from src.run_files import CHECKPOINTS, FIGURES
 
 RUN_ID_KEY = "mlflow_run_id"  # in every checkpoint of an MLflow-tracked run, so that resuming continues it
-FIGURES = ("training_curves.png", "confusion_matrix.png")
 
 
-def build_loggers(config: TrainConfig, run_dir: Path, resume_from: dict | None) -> tuple[list[Logger], list[Callback]]:
+def build_loggers(config: TrainConfig, run_dir: Path, resume_from: dict | None,
+                  context: RunContext) -> tuple[list[Logger], list[Callback]]:
     """The CSV logger and those chosen in config.logger, and the callbacks they need."""
     loggers: list[Logger] = [CSVLogger(save_dir=run_dir, name="", version="")]
     callbacks: list[Callback] = []
-    job = _hydra_job()
     if config.logger.tensorboard:
         # The folder below tensorboard/ is the override string, so `tensorboard --logdir multirun/DATE/TIME`
         # names each job by what it swept. default_hp_metric=False: Lightning's call at fit start then
         # writes no HParams entry; TensorBoard keeps only a run's first one, written at the end with the metrics.
-        loggers.append(TensorBoardLogger(save_dir=run_dir, name="tensorboard", version=_folder_name(job["dirname"]),
+        loggers.append(TensorBoardLogger(save_dir=run_dir, name="tensorboard", version=_folder_name(context.override_dirname),
                                          default_hp_metric=False))
     if config.logger.mlflow:
-        mlflow_logger = _mlflow_logger(config, run_dir, resume_from, job)
+        mlflow_logger = _mlflow_logger(config, run_dir, resume_from, context)
         loggers.append(mlflow_logger)
         callbacks.append(RecordMLflowRun(mlflow_logger))
     return loggers, callbacks
@@ -63,7 +65,7 @@ def log_results(loggers: list[Logger], config: TrainConfig, run_dir: Path, metri
                 logger.experiment.log_artifact(logger.run_id, str(run_dir / figure))
             # The folder as it ends up; MLFlowLogger(log_model=True) would upload the files of only one
             # ModelCheckpoint (the last to save: best-*, with a validation split), each in a folder of its own.
-            logger.experiment.log_artifacts(logger.run_id, str(run_dir / "checkpoints"), "checkpoints")
+            logger.experiment.log_artifacts(logger.run_id, str(run_dir / CHECKPOINTS), CHECKPOINTS)
             logger.finalize("success")
 
 
@@ -129,12 +131,13 @@ class RecordMLflowRun(Callback):
             checkpoint[RUN_ID_KEY] = self.logger.run_id
 
 
-def _mlflow_logger(config: TrainConfig, run_dir: Path, resume_from: dict | None, job: dict) -> ConfigMLFlowLogger:
+def _mlflow_logger(config: TrainConfig, run_dir: Path, resume_from: dict | None,
+                   context: RunContext) -> ConfigMLFlowLogger:
     from mlflow.exceptions import MlflowException
 
     _quiet_mlflow()
     uri = config.logger.tracking_uri
-    experiment = config.logger.experiment_name or job["name"]
+    experiment = config.logger.experiment_name or context.entry
     run_id = (resume_from or {}).get(RUN_ID_KEY)
     if rank_zero_only.rank != 0:  # a DDP process other than the first: its logger logs nothing
         return ConfigMLFlowLogger(params={}, experiment_name=experiment, tracking_uri=uri, run_id=run_id)
@@ -146,11 +149,11 @@ def _mlflow_logger(config: TrainConfig, run_dir: Path, resume_from: dict | None,
         except MlflowException:
             print(f"note: MLflow run {run_id} of this checkpoint is not in {uri}; starting a new run", file=sys.stderr)
             run_id = None
-    tags = {"overrides": " ".join(job["overrides"]), "run_dir": str(run_dir.resolve())}
-    if job["sweep"]:  # the UI's runs table can group by it; jobs share the experiment already
-        tags.update(sweep=job["sweep"], job=str(job["num"]))
+    tags = {"overrides": " ".join(context.overrides), "run_dir": str(run_dir.resolve())}
+    if context.sweep:  # the UI's runs table can group by it; jobs share the experiment already
+        tags.update(sweep=str(context.sweep_dir), job=str(context.job_num))
     return ConfigMLFlowLogger(params=config_params(config), experiment_name=experiment, tracking_uri=uri, tags=tags,
-                              run_name=" ".join(job["overrides"]) or str(run_dir), run_id=run_id)
+                              run_name=" ".join(context.overrides) or str(run_dir), run_id=run_id)
 
 
 def _open_experiment(uri: str, experiment: str):
@@ -187,20 +190,6 @@ def _store_lock(uri: str):
     database = str(Path(uri[len("sqlite:///"):]).resolve())
     name = hashlib.sha256(database.encode()).hexdigest()[:16]
     return FileLock(Path(tempfile.gettempdir()) / f"mlflow-store-{name}.lock")
-
-
-def _hydra_job() -> dict:
-    """The entry point's name, the job's overrides and, in a -m sweep, its folder and number."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    if not HydraConfig.initialized():  # train() called directly, as the tests do
-        return {"name": "train", "overrides": [], "dirname": "", "sweep": None, "num": None}
-    hydra = HydraConfig.get()
-    multirun = hydra.mode == RunMode.MULTIRUN
-    return {"name": hydra.job.name, "overrides": list(hydra.overrides.task), "dirname": hydra.job.override_dirname,
-            "sweep": str(Path(hydra.sweep.dir).resolve()) if multirun else None,
-            "num": hydra.job.num if multirun else None}
 
 
 def _folder_name(overrides: str) -> str:

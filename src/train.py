@@ -14,18 +14,25 @@ import sys
 import warnings
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
+from src import run_files
 from src.checkpoint import check_architecture, load_checkpoint
-from src.config import TrainConfig, UserError, exit_on_user_error, run_hydra, sweep_metric, validated
+from src.cli import entry_point
+from src.config import TrainConfig, sweep_metric, validated
+from src.errors import UserError
 from src.extras import require
+from src.run_context import RunContext
 
 
-def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = ()) -> float:
-    """Fit and test as configured, plus any extra Lightning `callbacks`; return the metric a sweep optimises."""
+def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = (), context: RunContext | None = None) -> float:
+    """Fit and test as configured, plus any extra Lightning `callbacks`; return the metric a sweep optimises.
+
+    `context` is where the run stands (a job of a sweep, a trial of the search); None: a plain run.
+    """
     config: TrainConfig = validated(cfg)  # checks every key and value before anything starts
-    _refuse_ddp_in_a_local_sweep(config)
+    context = context or RunContext()
+    _refuse_ddp_in_a_local_sweep(config, context)
     _require_loggers(config)
     resume_from = load_checkpoint(config.ckpt_path) if config.ckpt_path is not None else None
 
@@ -50,21 +57,20 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = ()) -> float:
     if resume_from is not None:
         check_architecture(resume_from, config.ckpt_path, model)
 
-    checkpoint_dir = run_dir / "checkpoints"
+    checkpoint_dir = run_files.checkpoint_dir(run_dir)
     # last.ckpt after every epoch. (save_last=True would only refresh it when a top-k checkpoint is saved.)
-    checkpoints = [ModelCheckpoint(dirpath=checkpoint_dir, filename="last", enable_version_counter=False)]
+    checkpoints = [ModelCheckpoint(dirpath=checkpoint_dir, filename=run_files.LAST, enable_version_counter=False)]
     if has_val:
         checkpoints.append(ModelCheckpoint(dirpath=checkpoint_dir, monitor="val/acc", mode="max",
-                                           filename="best-epoch{epoch:02d}-val_acc{val/acc:.4f}",
-                                           auto_insert_metric_name=False))
-    loggers, logger_callbacks = tracking.build_loggers(config, run_dir, resume_from)  # metrics.csv, and logger=...
+                                           filename=run_files.BEST, auto_insert_metric_name=False))
+    loggers, logger_callbacks = tracking.build_loggers(config, run_dir, resume_from, context)  # metrics.csv, logger=...
     trainer_args = {k: v for k, v in dataclasses.asdict(config.trainer).items() if v is not None}
     limit_val_batches = trainer_args.pop("limit_val_batches", 1.0) if has_val else 0
     trainer = L.Trainer(
         **trainer_args,
         default_root_dir=run_dir,
         logger=loggers,
-        callbacks=[*checkpoints, CheckpointOnInterrupt(checkpoint_dir), *logger_callbacks, *callbacks]
+        callbacks=[*checkpoints, CheckpointOnInterrupt(checkpoint_dir, context), *logger_callbacks, *callbacks]
         + ([KerasProgressBar()] if config.trainer.enable_progress_bar else []),
         plugins=[AtomicCheckpointIO()],
         limit_val_batches=limit_val_batches,
@@ -81,9 +87,9 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = ()) -> float:
         return float("nan")
 
     print(f"test_loss: {test['test/loss']:.4f} test_acc: {test['test/acc']:.4f}")
-    plots.training_curves(run_dir / "metrics.csv", run_dir / "training_curves.png")
+    plots.training_curves(run_dir / run_files.METRICS, run_dir / run_files.TRAINING_CURVES)
     plots.confusion_matrix(model.test_confusion, DATASET_CLASSES[config.data.name].classes,
-                           run_dir / "confusion_matrix.png")
+                           run_dir / run_files.CONFUSION_MATRIX)
     tracking.log_results(trainer.loggers, config, run_dir, metrics, trainer.global_step)
     return metrics[sweep_metric(config)]
 
@@ -95,14 +101,10 @@ def _require_loggers(config: TrainConfig) -> None:
             require("track", f"logger={name}", name)
 
 
-def _refuse_ddp_in_a_local_sweep(config: TrainConfig) -> None:
+def _refuse_ddp_in_a_local_sweep(config: TrainConfig, context: RunContext) -> None:
     """Lightning starts DDP's other processes by running the command line again: inside a
     local -m sweep that would start the whole sweep again. SLURM starts them itself."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    if multirun and config.trainer.strategy.startswith("ddp") and config.trainer.devices != 1 \
+    if context.sweep and config.trainer.strategy.startswith("ddp") and config.trainer.devices != 1 \
             and "SLURM_NTASKS" not in os.environ:
         raise UserError(f"trainer.strategy={config.trainer.strategy} with several devices is not valid in a -m sweep "
                         "on this machine: use hydra/launcher=slurm, or run it without -m")
@@ -123,13 +125,10 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)")
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
-@exit_on_user_error
-def main(cfg: DictConfig) -> float:
-    from hydra.core.hydra_config import HydraConfig
-
-    return train(cfg, HydraConfig.get().runtime.output_dir)
+@entry_point("train")
+def main(cfg: DictConfig, context: RunContext) -> float:
+    return train(cfg, context.output_dir, context=context)
 
 
 if __name__ == "__main__":
-    run_hydra(main)
+    main()

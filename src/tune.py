@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from src.config import TrainConfig, UserError, exit_on_user_error, run_hydra, validated
+from src.cli import entry_point
+from src.config import TrainConfig, validated
+from src.errors import UserError
 from src.extras import require
+from src.run_context import RunContext
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +89,11 @@ def suggest(trial, space: dict) -> dict[str, Any]:
     return values
 
 
-def tune(cfg: DictConfig, study_dir: str | Path):
-    """Run trials of the study in study_dir until it holds n_trials in all (with other workers'); return it."""
+def tune(cfg: DictConfig, context: RunContext):
+    """Run trials of the study in the run folder until it holds n_trials in all (with other workers'); return it.
+
+    Each trial trains in that context: interrupted, it says to run the search again, which continues the study.
+    """
     require("sweep", "python -m src.tune", "optuna", "optuna_integration")
     config = validated(cfg)
     search = config.hparams_search
@@ -111,7 +116,7 @@ def tune(cfg: DictConfig, study_dir: str | Path):
 
     from src.train import train
 
-    study_dir = Path(study_dir)
+    study_dir = Path(context.output_dir)
     study_dir.mkdir(parents=True, exist_ok=True)
     # Held while a worker creates or loads the study, and while it counts the trials and asks for the next.
     lock = FileLock(study_dir / ".ask.lock")
@@ -134,7 +139,7 @@ def tune(cfg: DictConfig, study_dir: str | Path):
             OmegaConf.update(trial_cfg, key, value)
         log.info("trial %d: %s", trial.number, " ".join(f"{k}={v}" for k, v in values.items()))
         return train(trial_cfg, study_dir / f"trial_{trial.number}",
-                     callbacks=(PyTorchLightningPruningCallback(trial, monitor=metric),))
+                     callbacks=(PyTorchLightningPruningCallback(trial, monitor=metric),), context=context)
 
     # study.optimize(n_trials=N) runs N trials per worker, and MaxTrialsCallback stops a worker only
     # after a trial, so workers that start at once overshoot the total. Counting the trials and
@@ -194,13 +199,10 @@ def report(study, metric: str) -> None:
               + " ".join(f"{k}={v}" for k, v in best.params.items()))
 
 
-@hydra.main(config_path="../conf", config_name="hparams_search/optuna", version_base="1.3")
-@exit_on_user_error
-def main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
-    tune(cfg, HydraConfig.get().runtime.output_dir)
+@entry_point("hparams_search/optuna")
+def main(cfg: DictConfig, context: RunContext) -> None:
+    tune(cfg, context)
 
 
 if __name__ == "__main__":
-    run_hydra(main)
+    main()

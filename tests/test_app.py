@@ -18,8 +18,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from src.app import CANVAS, MIN_DRAWING, SEEN, classify_picture, read_sketch, read_upload, serve, sketch_ink
-from src.config import UserError
-from src.inference import LoadedModel, MAX_PIXELS, open_picture, prepare_picture
+from src.errors import UserError
+from src.inference import LoadedModel
+from src.pictures import MAX_PIXELS, open_picture, prepare_picture
 from src.network import build_mlp
 from tests.conftest import ROOT, compose_config, compose_train, entry_env, free_port, needs, real_digits, write_idx
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.config import UserError
+from src.errors import UserError
 from src.data import MNISTDataModule
 from src.idx import IDX_FILES, DataError, load_split, prepare_files, raw_folder
 from tests.conftest import make_digits, write_dataset

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from src.config import UserError
+from src.errors import UserError
 from src.export import export
 from src.idx import load_split, prepare_files
 from src.inference import load_model

@@ -14,10 +14,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from src.config import UserError
+from src.errors import UserError
 from src.idx import load_split, prepare_files
 from src.model import MNISTClassifier
-from src.inference import CLASS_NAMES, load_model, read_image
+from src.inference import CLASS_NAMES, load_model
+from src.pictures import read_image
 from src.predict import predict
 from src.train import train
 from tests.conftest import ROOT, compose_config, compose_train, make_digits, real_digits, write_dataset, write_idx

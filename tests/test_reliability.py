@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from src.checkpoint import load_checkpoint
-from src.config import UserError, one_line
+from src.errors import UserError, one_line
 from src.idx import IDX_FILES, DataError, load_split, prepare_files, raw_folder
 from src.model import DivergedError, MNISTClassifier
 from src.train import train

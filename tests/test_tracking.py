@@ -24,7 +24,8 @@ from mlflow import MlflowClient  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: E402
 
-from src.config import UserError, validated  # noqa: E402
+from src.config import validated  # noqa: E402
+from src.errors import UserError  # noqa: E402
 from src.tracking import RUN_ID_KEY, config_params  # noqa: E402
 from src.train import train  # noqa: E402
 from tests.conftest import compose_train, entry_env, free_port, write_dataset  # noqa: E402

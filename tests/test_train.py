@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 
-from src.config import UserError
+from src.errors import UserError
 from src.data import MNISTDataModule
 from src.model import MNISTClassifier
 from src.train import train

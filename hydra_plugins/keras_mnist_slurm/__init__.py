@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 
 def one_line(text: object) -> str:
-    from src.config import one_line  # imported when used: Hydra loads this module in every run
+    from src.errors import one_line  # imported when used: Hydra loads this module in every run
 
     return one_line(text)
 

@@ -1,0 +1,108 @@
+"""The command-line layer (src/cli.py, src/run_context.py): one-line errors with the valid keys of any
+schema, and the command an interrupted run prints, run as printed, continues that run."""
+
+from __future__ import annotations
+
+import csv
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import entry_env
+
+
+def start(module: str, *args: str, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=entry_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def run(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=entry_env(), capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("module, key, schema, valid", [
+    ("src.tune", "hparams_search.bogus", "SearchConfig", "study_name, n_trials, seed, pruner, params, storage"),
+    ("src.tune", "hparams_search.pruner.bogus", "PrunerConfig", "n_startup_trials, n_warmup_steps"),
+    ("src.train", "data.bogus", "DataConfig", "name, data_dir, batch_size, val_size"),
+])
+def test_an_unknown_key_gets_the_valid_keys_of_its_schema(tmp_path, module, key, schema, valid):
+    result = run(module, f"{key}=1", cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.splitlines() == [f"error: Could not override '{key}'.; Key 'bogus' not in '{schema}'; "
+                                          f"valid keys are {valid}"]
+
+
+def interrupt_when(process: subprocess.Popen, ready: Path, timeout: float = 120) -> tuple[str, str]:
+    """Ctrl-C to `process` once `ready` exists; its output."""
+    deadline = time.time() + timeout
+    while not ready.exists():
+        assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.2)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    return process.communicate(timeout=120)
+
+
+def printed_command(err: str) -> list[str]:
+    [line] = [line for line in err.splitlines() if line.startswith("Resume with: ")]
+    words = shlex.split(line.removeprefix("Resume with: "))
+    assert words[:2] == ["python", "-m"], line
+    return words[2:]
+
+
+# 600 tiny images in batches of 4: 150 steps an epoch; stopped in the second epoch, after its checkpoint.
+SLOW = ("data.batch_size=4", "model.hidden=16", "trainer.max_epochs=2", "trainer.enable_progress_bar=False")  # as a sweep job spells it
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sweep", [False, True], ids=["run", "sweep job"])
+def test_an_interrupted_run_or_sweep_job_resumes_with_the_printed_command(tiny_data, tmp_path, sweep):
+    folder = ["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}"] if sweep else [f"hydra.run.dir={tmp_path / 'run'}"]
+    checkpoint = tmp_path / ("sweep/0" if sweep else "run") / "checkpoints" / "last.ckpt"
+    process = start("src.train", *folder, f"data.data_dir={tiny_data}", *SLOW, cwd=tmp_path)
+    _, err = interrupt_when(process, checkpoint)
+    assert process.returncode == 1
+    saved = torch.load(checkpoint, weights_only=True)["global_step"]
+    assert 150 < saved < 300  # stopped within the second epoch
+    command = printed_command(err)
+    assert command == ["src.train", f"data.data_dir={tiny_data}", *SLOW, f"ckpt_path={checkpoint}"]
+
+    resumed = run(*command, cwd=tmp_path)  # as printed, from the same folder
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"Restoring states from the checkpoint path at {checkpoint}" in resumed.stdout + resumed.stderr
+    [folder] = (tmp_path / "outputs").glob("*/*")
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 300
+    with open(folder / "metrics.csv", newline="") as f:
+        trained = {row["epoch"] for row in csv.DictReader(f) if row["train/loss"]}
+    assert trained == {"1"}  # only the epoch it was stopped in
+
+
+@pytest.mark.slow
+def test_an_interrupted_trial_prints_the_search_command_which_continues_the_study(tiny_data, tmp_path):
+    import optuna
+
+    study_dir = tmp_path / "study"
+    args = [f"data.data_dir={tiny_data}", "data.val_size=100", *SLOW, "hparams_search.n_trials=2",
+            "hparams_search.params.data.batch_size.choices=[4]",
+            "hparams_search.params.optimizer.lr.high=1e-3", f"hydra.run.dir={study_dir}"]
+    process = start("src.tune", *args, cwd=tmp_path)
+    _, err = interrupt_when(process, study_dir / "trial_0" / "checkpoints" / "last.ckpt")
+    assert process.returncode == 1
+    command = printed_command(err)
+    # Not src.train with the search's keys and without the trial's sampled values: the search itself.
+    assert command == ["src.tune", *args[:-1], f"hydra.run.dir={study_dir}"]
+
+    again = run(*command, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming study 'mnist-mlp'" in again.stdout + again.stderr
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(study_dir / "journal.log")))
+    trials = optuna.load_study(study_name="mnist-mlp", storage=storage).trials
+    assert [(t.number, t.state.name) for t in trials] == [(0, "FAIL"), (1, "COMPLETE")]
+    assert (study_dir / "trial_1" / "checkpoints" / "last.ckpt").is_file()
