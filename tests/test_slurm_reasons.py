@@ -57,8 +57,27 @@ def test_a_partition_whose_nodes_are_all_down_or_drained_cannot_start_the_job():
                          "hydra.launcher.gpus_per_node=8 (sacctmgr show qos lists the limits)"),
     ("QOSMaxCpuPerNode", "the request is outside a per-job limit of its QOS or account: change "
                          "hydra.launcher.cpus_per_task=4 (sacctmgr show qos lists the limits)"),
+    ("QOSMaxBillingPerNode", "the request is outside a per-job limit of its QOS or account: ask for less "
+                             "(sacctmgr show qos lists the limits)"),
     ("AssocMaxWallDurationPerJobLimit", "the request is outside a per-job limit of its QOS or account: change "
                                         "hydra.launcher.timeout_min=600 (sacctmgr show qos lists the limits)"),
 ])
 def test_a_request_that_does_not_fit_says_what_to_change(reason, said):
     assert cannot_start(reason, "gpu", REQUEST, gpu_cluster("idle", "mix")) == said
+
+
+def test_sinfo_lines_are_read_per_partition_with_the_default_one_marked(monkeypatch):
+    import hydra_plugins.keras_mnist_slurm.pending as pending
+
+    # sinfo -h -N -o "%P|%N|%t|%c|%m|%G|%l", as a GPU cluster answers (the test cluster's one line is
+    # "debug*|localhost|idle|2|21694|(null)|infinite").
+    lines = ["gpu*|g0|mix|64|512000|gpu:a100:4(S:0-1)|2-00:00:00", "gpu*|g1|drain*|32|256000|gpu:8|2-00:00:00",
+             "cpu|c0|idle|128|1024000|(null)|infinite"]
+    monkeypatch.setattr(pending, "_run", lambda command: lines if command[0] == "sinfo" else [])
+    cluster = Cluster()
+    assert cluster.partition(None) == cluster.partition("gpu") == Partition(
+        "gpu", "2-00:00:00", {"g0": "mix", "g1": "drain*"}, [64, 32], [512000, 256000], [4, 8])
+    assert cluster.partition("cpu") == Partition("cpu", "infinite", {"c0": "idle"}, [128], [1024000], [0])
+    assert cannot_start("PartitionConfig", "cpu", REQUEST, cluster) == (
+        "it asks for 8 GPUs a node (hydra.launcher.gpus_per_node=8) and partition cpu's nodes have at most 0; "
+        "ask for less, or choose another hydra.launcher.partition")
