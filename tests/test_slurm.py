@@ -246,6 +246,16 @@ def test_a_request_that_sbatch_refuses_is_a_failed_row_for_each_job(slurm_cluste
             "ask for less, or choose another hydra.launcher.partition")
 
 
+@pytest.mark.parametrize("setting, valid", [("wait_report_s=0", "1 or more"), ("cannot_start_grace_s=-1", "0 or more")])
+def test_a_bad_waiting_setting_is_one_line_before_anything_is_submitted(tmp_path, setting, valid):
+    result = run("src.train", "-m", "hydra/launcher=slurm_cpu", f"hydra.launcher.{setting}",
+                 f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)  # no cluster: it never gets that far
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: hydra.launcher.{setting} is not valid: expected a whole number of seconds, {valid}"]
+    assert not (tmp_path / "sweep").exists()
+
+
 SEARCH = ["data.val_size=100", "trainer.max_epochs=3", "hparams_search.pruner.n_startup_trials=1",
           "hparams_search.pruner.n_warmup_steps=0", "hparams_search.params.optimizer.lr.low=1e-7"]
 
