@@ -163,6 +163,99 @@ def test_a_job_killed_by_slurm_is_a_failed_row_and_resumes_from_last_ckpt(slurm_
     assert resumed["global_step"] == epochs * 600 > steps
 
 
+def node_size(env: dict) -> tuple[int, int]:
+    """The test cluster's node: its CPUs and its memory in MB, as SLURM has them (this machine's own)."""
+    cpus, memory = subprocess.run(["sinfo", "-h", "-N", "-o", "%c %m"], env=env, capture_output=True, text=True,
+                                  check=True).stdout.split()
+    return int(cpus), int(memory)
+
+
+# Look at the queue every 3 s instead of every minute.
+WAIT = ("hydra.launcher.wait_report_s=3",)
+
+
+def test_a_job_asking_for_more_cpus_than_the_node_has_is_cancelled_as_a_failed_row(slurm_cluster, tiny_data,
+                                                                                   tmp_path):
+    env, sweep_dir = environment(slurm_cluster), tmp_path / "sweep"
+    cpus, _ = node_size(env)
+    # SLURM takes the job and keeps it pending for PartitionConfig, forever: the launcher cancels it
+    # once it has said so for 6 s. (The run's timeout is the "within two minutes".)
+    result = run("src.train", "-m", "hydra/launcher=slurm_cpu", f"hydra.launcher.cpus_per_task={cpus + 1}",
+                 "hydra.launcher.mem_gb=2", *WAIT, "hydra.launcher.cannot_start_grace_s=6", f"data.data_dir={tiny_data}",
+                 f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, env=env, timeout=120)
+
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == \
+        f"error: 1 of 1 jobs failed; their errors are in {sweep_dir / 'summary.csv'}"
+    (row,) = read_summary(sweep_dir)
+    job_id = re.search(r"#0 : SLURM job (\d+)$", result.stdout, re.M).group(1)
+    advice = (f"it asks for {cpus + 1} CPUs a node (hydra.launcher.cpus_per_task={cpus + 1} x tasks_per_node=1) "
+              f"and partition debug's nodes have at most {cpus}; ask for less, or choose another "
+              f"hydra.launcher.partition")
+    assert row["status"] == "failed"
+    assert re.fullmatch(rf"CannotStart: SLURM job {job_id} could not start \(PartitionConfig\) and was cancelled "
+                        rf"after waiting \d+ s: {re.escape(advice)}", row["error"]), row["error"]
+    # While it waited, the sweep said why, with what to change, and when it would give up.
+    waiting = re.findall(rf"#0 : SLURM job {job_id} still waiting after \d+ s: PartitionConfig; it cannot start as "
+                         rf"submitted: {re.escape(advice)} \(cancelled if still so after 6 s\)$", result.stdout, re.M)
+    assert len(waiting) >= 2, result.stdout[-3000:]
+    assert final_state(env, job_id) == "CANCELLED"
+
+
+def test_a_job_waiting_for_resources_is_reported_and_then_runs(slurm_cluster, tiny_data, tmp_path):
+    env, sweep_dir = environment(slurm_cluster), tmp_path / "sweep"
+    cpus, _ = node_size(env)
+    # Two jobs that each take every CPU of the node: one runs, the other waits for Resources. With
+    # a grace of 0, a reason taken for "cannot start" would cancel the waiting one at once.
+    result = run("src.train", "-m", "hydra/launcher=slurm_cpu", f"hydra.launcher.cpus_per_task={cpus}",
+                 "hydra.launcher.mem_gb=2", *WAIT, "hydra.launcher.cannot_start_grace_s=0", f"data.data_dir={tiny_data}",
+                 "trainer.max_epochs=1", "model.hidden=8,16", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, env=env)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    completed_jobs(sweep_dir, ["model.hidden=16", "model.hidden=8"])
+    waited = re.findall(r"#(\d) : SLURM job (\d+_\d) still waiting after (\d+) s: (.*)$", result.stdout, re.M)
+    assert waited and "cannot start" not in result.stdout, result.stdout[-3000:]
+    assert {reason for _, _, _, reason in waited} <= {"Resources", "Priority", "None"}  # None: not yet looked at
+    assert "Resources" in {reason for _, _, _, reason in waited}
+    # The job that waited for Resources ran once the other had ended: its own folder has its results.
+    for num, job_id in {(num, job_id) for num, job_id, _, reason in waited if reason == "Resources"}:
+        assert job_id.endswith(f"_{num}") and slurm_job_id(sweep_dir / num) == job_id
+        assert final_state(env, job_id) == "COMPLETED"
+
+
+def test_a_request_that_sbatch_refuses_is_a_failed_row_for_each_job(slurm_cluster, tiny_data, tmp_path):
+    env, sweep_dir = environment(slurm_cluster), tmp_path / "sweep"
+    _, memory = node_size(env)
+    too_much = memory // 1024 + 10
+    result = run("src.train", "-m", *SLURM_CPU[:-1], f"hydra.launcher.mem_gb={too_much}", f"data.data_dir={tiny_data}",
+                 "model.hidden=8,16", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, env=env, timeout=120)
+
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == \
+        f"error: 2 of 2 jobs failed; their errors are in {sweep_dir / 'summary.csv'}"
+    rows = read_summary(sweep_dir)
+    assert sorted(row["overrides"].split()[-1] for row in rows) == ["model.hidden=16", "model.hidden=8"]
+    for row in rows:
+        assert row["status"] == "failed"
+        assert row["error"] == (
+            "CannotStart: sbatch refused the jobs: Memory specification can not be satisfied; Batch job submission "
+            f"failed: Requested node configuration is not available: it asks for {too_much} GB a node "
+            f"(hydra.launcher.mem_gb={too_much}) and partition debug's nodes have at most {memory / 1024:.1f} GB; "
+            "ask for less, or choose another hydra.launcher.partition")
+
+
+@pytest.mark.parametrize("setting, valid", [("wait_report_s=0", "1 or more"), ("cannot_start_grace_s=-1", "0 or more")])
+def test_a_bad_waiting_setting_is_one_line_before_anything_is_submitted(tmp_path, setting, valid):
+    result = run("src.train", "-m", "hydra/launcher=slurm_cpu", f"hydra.launcher.{setting}",
+                 f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)  # no cluster: it never gets that far
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: hydra.launcher.{setting} is not valid: expected a whole number of seconds, {valid}"]
+    assert not (tmp_path / "sweep").exists()
+
+
 SEARCH = ["data.val_size=100", "trainer.max_epochs=3", "hparams_search.pruner.n_startup_trials=1",
           "hparams_search.pruner.n_warmup_steps=0", "hparams_search.params.optimizer.lr.low=1e-7"]
 

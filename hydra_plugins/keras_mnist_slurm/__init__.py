@@ -1,5 +1,5 @@
-"""The SLURM launcher of conf/hydra/launcher/slurm*.yaml: Hydra's submitit_slurm launcher, with one
-change: a job that SLURM ends before it returns (scancel, a time limit, out of memory, a node
+"""The SLURM launcher of conf/hydra/launcher/slurm*.yaml: Hydra's submitit_slurm launcher, with two
+changes. A job that SLURM ends before it returns (scancel, a time limit, out of memory, a node
 failure) becomes a failed job of the sweep, with SLURM's word for what happened, instead of an
 exception that ends the whole sweep without its summary. (It lives here because Hydra takes
 launchers only from the hydra_plugins package, found on sys.path: the project folder.)
@@ -9,27 +9,56 @@ UncompletedJobError for a job that left no result; the sweep then stops at that 
 SweepSummary callback never writes summary.csv. A killed job cannot report its own end, so the
 launcher does it here, from the launching process: it calls the Hydra callbacks' on_job_end for
 that job with a failed JobReturn, as the job itself would have, and the summary has its row.
+
+A job may also never start: it asks for more than the partition's nodes have, or every node is
+drained, and SLURM keeps it pending; submitit would wait for it forever, in silence. So while
+jobs wait, the launcher prints SLURM's reason for each (squeue) every `wait_report_s`; a job
+whose reason says it cannot start as submitted (pending.py) for `cannot_start_grace_s` is
+cancelled and becomes a failed row saying what to change. A request that sbatch refuses outright
+makes every job of the sweep such a row.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: Hydra's plugin scan runs this module before it is in
+# sys.modules, where @dataclass would look its string annotations up.
 import logging
 import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from omegaconf import OmegaConf, open_dict, read_write
 
 try:  # Hydra imports every plugin module at start-up; without the `sweep` extra this one offers nothing
-    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf, SlurmQueueConf
     from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurmLauncher
 except ImportError:
     SubmititSlurmLauncher = None
 
 log = logging.getLogger(__name__)
+
+# The settings this launcher adds to submitit_slurm's, which are not sbatch's (launch() keeps them from submitit).
+OWN_SETTINGS = ("wait_report_s", "cannot_start_grace_s")
+
+if SubmititSlurmLauncher is not None:
+    @dataclass
+    class KerasMnistSlurmConf(SlurmQueueConf):
+        """submitit_slurm's settings and this launcher's own: conf/hydra/launcher/slurm.yaml builds on it."""
+
+        _target_: str = "hydra_plugins.keras_mnist_slurm.SlurmLauncher"
+        # While jobs wait in the queue: a line per waiting job, with SLURM's reason, this often.
+        wait_report_s: int = 60
+        # A job whose reason says it cannot start as submitted is cancelled once it has said so this long.
+        cannot_start_grace_s: int = 120
+
+    ConfigStore.instance().store(group="hydra/launcher", name="keras_mnist_slurm", node=KerasMnistSlurmConf,
+                                 provider="keras_mnist_slurm")
 
 
 def one_line(text: object) -> str:
@@ -39,12 +68,24 @@ def one_line(text: object) -> str:
 
 
 class SlurmLauncher(SubmititSlurmLauncher or object):
+    def __init__(self, **params: Any) -> None:
+        for key, least in zip(OWN_SETTINGS, (1, 0)):
+            if params[key] < least:
+                # Said here and now: Hydra would wrap a UserError from a launcher in its own message.
+                print(f"error: hydra.launcher.{key}={params[key]} is not valid: expected a whole number of seconds, "
+                      f"{least} or more", file=sys.stderr)
+                sys.exit(1)
+        super().__init__(**params)
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        # The plugin's launch(), down to its last line, which is the one that changes here.
+        # The plugin's launch(), but for what follows the submission: a refusal, the wait, and the results.
         import submitit
+        from submitit.core.utils import FailedJobError
 
         assert self.config is not None
         params = dict(self.params)
+        report_s, grace_s = (params.pop(key) for key in OWN_SETTINGS)
+        request = dict(params)  # what the jobs ask for, to say what to change when SLURM cannot start them
         executor = submitit.AutoExecutor(cluster=self._EXECUTOR, folder=params.pop("submitit_folder"),
                                          slurm_max_num_timeout=params.pop("max_num_timeout"))
         base = set(OmegaConf.structured(BaseQueueConf).keys())
@@ -58,12 +99,58 @@ class SlurmLauncher(SubmititSlurmLauncher or object):
         numbers = range(initial_job_idx, initial_job_idx + len(job_overrides))
         for num, overrides in zip(numbers, job_overrides):
             log.info(f"\t#{num} : {' '.join(filter_overrides(overrides))}")
-        jobs = executor.map_array(self, [list(o) for o in job_overrides], ["hydra.sweep.dir"] * len(job_overrides),
-                                  list(numbers), [f"job_id_for_{n}" for n in numbers],
-                                  [Singleton.get_state()] * len(job_overrides))
+        try:
+            jobs = executor.map_array(self, [list(o) for o in job_overrides], ["hydra.sweep.dir"] * len(job_overrides),
+                                      list(numbers), [f"job_id_for_{n}" for n in numbers],
+                                      [Singleton.get_state()] * len(job_overrides))
+        except FailedJobError as refusal:  # sbatch said no (CommandFunction's error): nothing was submitted
+            from hydra_plugins.keras_mnist_slurm import pending
+
+            error = pending.CannotStart(pending.refused(str(refusal), request))
+            log.error(one_line(error))
+            return [self._report_failure(list(o), num, "not-submitted", error) for o, num in zip(job_overrides, numbers)]
         for num, job in zip(numbers, jobs):
             log.info(f"\t#{num} : SLURM job {job.job_id}")
-        return [self._result(job, overrides, num) for job, overrides, num in zip(jobs, job_overrides, numbers)]
+        cancelled = self._wait(jobs, numbers, request, report_s, grace_s)
+        return [self._report_failure(list(overrides), num, job.job_id, cancelled[job.job_id])
+                if job.job_id in cancelled else self._result(job, overrides, num)
+                for job, overrides, num in zip(jobs, job_overrides, numbers)]
+
+    def _wait(self, jobs: list, numbers: range, request: dict, report_s: float, grace_s: float) -> dict[str, Exception]:
+        """Wait for the jobs to end, as job.results() would (their result files every second, sacct now
+        and then), and every `report_s` look at the queue: one line per pending job with SLURM's reason;
+        a job whose reason has said for `grace_s` that it cannot start as submitted is cancelled.
+        Returns the cancelled jobs' errors, by job id."""
+        from hydra_plugins.keras_mnist_slurm import pending
+
+        submitted = next_look = time.time()
+        next_look += report_s
+        hopeless_since: dict[str, float] = {}  # job id -> when its reason first said it cannot start
+        cancelled: dict[str, Exception] = {}
+        num = dict(zip((job.job_id for job in jobs), numbers))
+        while waiting := [job.job_id for job in jobs if job.job_id not in cancelled and not job.done()]:
+            if time.time() < next_look:
+                time.sleep(1)
+                continue
+            next_look += report_s
+            cluster, now = pending.Cluster(), time.time()
+            for job_id, (reason, partition) in pending.pending_reasons(waiting).items():
+                why = pending.cannot_start(reason, partition, request, cluster)
+                line = f"#{num[job_id]} : SLURM job {job_id} still waiting after {_duration(now - submitted)}: {reason}"
+                if why is None:
+                    hopeless_since.pop(job_id, None)
+                    log.info(line)
+                    continue
+                since = hopeless_since.setdefault(job_id, now)
+                if now - since < grace_s:
+                    log.warning(f"{line}; it cannot start as submitted: {why} (cancelled if still so after "
+                                f"{_duration(grace_s)})")
+                elif _cancel_pending(job_id):
+                    cancelled[job_id] = pending.CannotStart(
+                        f"SLURM job {job_id} could not start ({reason}) and was cancelled after waiting "
+                        f"{_duration(now - submitted)}: {why}")
+                    log.error(f"#{num[job_id]} : {one_line(cancelled[job_id])}")
+        return cancelled
 
     def _result(self, job: Any, overrides: Sequence[str], num: int) -> JobReturn:
         from submitit.core.utils import FailedJobError, UncompletedJobError
@@ -99,6 +186,18 @@ class SlurmLauncher(SubmititSlurmLauncher or object):
         finally:
             HydraConfig.instance().cfg = previous
         return result
+
+
+def _cancel_pending(job_id: str) -> bool:
+    """Cancel the job if it is still pending (it may have started since the look): whether it was."""
+    subprocess.run(["scancel", "--state=PENDING", job_id], capture_output=True, timeout=60, check=False)
+    state = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                           timeout=60, check=False)
+    return state.stdout.split() == ["CANCELLED"]
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def _last_words(job: Any) -> str:

@@ -1,0 +1,83 @@
+"""Which of SLURM's reasons for a pending job mean that it can never start as submitted, and what
+the launcher then tells the user to change (hydra_plugins/keras_mnist_slurm/pending.py).
+
+tests/test_slurm.py shows PartitionConfig, Resources and sbatch's refusal on the real test
+cluster; the other reasons, which that one-node cluster cannot produce (several partitions, QOS
+limits, GPUs), are given here as squeue words them, with sinfo's view of the partition.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from hydra_plugins.keras_mnist_slurm.pending import Cluster, Partition, cannot_start
+
+REQUEST = {"cpus_per_task": 4, "tasks_per_node": 1, "mem_gb": 32, "gpus_per_node": 8, "nodes": 1,
+           "timeout_min": 600, "account": "nobody", "qos": None, "constraint": None}
+
+
+def gpu_cluster(*states: str) -> Cluster:
+    """Partition `gpu` (2 hours at most): one node per state, each with 16 CPUs, 64000 MB and 4 GPUs."""
+    n = len(states)
+    nodes = {f"g{i}": state for i, state in enumerate(states)}
+    return Cluster({"gpu": Partition("gpu", "2:00:00", nodes, [16] * n, [64000] * n, [4] * n)}, default="gpu")
+
+
+@pytest.mark.parametrize("reason", [
+    "None", "Resources", "Priority", "Dependency", "BeginTime", "JobHeldUser", "JobHeldAdmin", "PartitionDown",
+    "QOSGrpCpuLimit", "AssocGrpGRES", "QOSMaxJobsPerUserLimit", "AssocMaxJobsLimit", "JobArrayTaskLimit",
+])
+def test_reasons_that_free_up_are_waited_for(reason):
+    assert cannot_start(reason, "gpu", REQUEST, gpu_cluster("idle")) is None
+
+
+@pytest.mark.parametrize("states", [("drain", "mix"), ("down*", "alloc"), ("resv",), ("maint", "drain"), ("idle~",)])
+def test_unavailable_nodes_are_waited_for_while_any_node_of_the_partition_takes_jobs(states):
+    # Busy, reserved (a maintenance window ahead), powered down (~): the job starts later.
+    for reason in ("ReqNodeNotAvail, UnavailableNodes:g0",
+                   "Nodes required for job are DOWN, DRAINED or reserved for jobs in higher priority partitions"):
+        assert cannot_start(reason, "gpu", REQUEST, gpu_cluster(*states)) is None
+
+
+def test_a_partition_whose_nodes_are_all_down_or_drained_cannot_start_the_job():
+    for reason in ("ReqNodeNotAvail, UnavailableNodes:g[0-2]",
+                   "Nodes required for job are DOWN, DRAINED or reserved for jobs in higher priority partitions"):
+        assert cannot_start(reason, "gpu", REQUEST, gpu_cluster("drain", "down*", "drng")) == (
+            "every node of partition gpu is down or drained (g0 drain, g1 down*, g2 drng): "
+            "choose another hydra.launcher.partition")
+
+
+@pytest.mark.parametrize("reason, said", [
+    ("PartitionConfig", "it asks for 8 GPUs a node (hydra.launcher.gpus_per_node=8) and partition gpu's nodes have "
+                        "at most 4; ask for less, or choose another hydra.launcher.partition"),
+    ("PartitionTimeLimit", "hydra.launcher.timeout_min=600 is above partition gpu's time limit of 2:00:00: "
+                           "lower it, or choose another hydra.launcher.partition"),
+    ("InvalidAccount", "hydra.launcher.account=nobody cannot be used here: set it to one of yours"),
+    ("QOSMaxGRESPerJob", "the request is outside a per-job limit of its QOS or account: change "
+                         "hydra.launcher.gpus_per_node=8 (sacctmgr show qos lists the limits)"),
+    ("QOSMaxCpuPerNode", "the request is outside a per-job limit of its QOS or account: change "
+                         "hydra.launcher.cpus_per_task=4 (sacctmgr show qos lists the limits)"),
+    ("QOSMaxBillingPerNode", "the request is outside a per-job limit of its QOS or account: ask for less "
+                             "(sacctmgr show qos lists the limits)"),
+    ("AssocMaxWallDurationPerJobLimit", "the request is outside a per-job limit of its QOS or account: change "
+                                        "hydra.launcher.timeout_min=600 (sacctmgr show qos lists the limits)"),
+])
+def test_a_request_that_does_not_fit_says_what_to_change(reason, said):
+    assert cannot_start(reason, "gpu", REQUEST, gpu_cluster("idle", "mix")) == said
+
+
+def test_sinfo_lines_are_read_per_partition_with_the_default_one_marked(monkeypatch):
+    import hydra_plugins.keras_mnist_slurm.pending as pending
+
+    # sinfo -h -N -o "%P|%N|%t|%c|%m|%G|%l", as a GPU cluster answers (the test cluster's one line is
+    # "debug*|localhost|idle|2|21694|(null)|infinite").
+    lines = ["gpu*|g0|mix|64|512000|gpu:a100:4(S:0-1)|2-00:00:00", "gpu*|g1|drain*|32|256000|gpu:8|2-00:00:00",
+             "cpu|c0|idle|128|1024000|(null)|infinite"]
+    monkeypatch.setattr(pending, "_run", lambda command: lines if command[0] == "sinfo" else [])
+    cluster = Cluster()
+    assert cluster.partition(None) == cluster.partition("gpu") == Partition(
+        "gpu", "2-00:00:00", {"g0": "mix", "g1": "drain*"}, [64, 32], [512000, 256000], [4, 8])
+    assert cluster.partition("cpu") == Partition("cpu", "infinite", {"c0": "idle"}, [128], [1024000], [0])
+    assert cannot_start("PartitionConfig", "cpu", REQUEST, cluster) == (
+        "it asks for 8 GPUs a node (hydra.launcher.gpus_per_node=8) and partition cpu's nodes have at most 0; "
+        "ask for less, or choose another hydra.launcher.partition")
