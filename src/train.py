@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig
 
 from src.checkpoint import check_architecture, load_checkpoint
-from src.config import TrainConfig, UserError, exit_on_user_error, run_hydra, sweep_metric, validated
+from src.config import TrainConfig, UserError, exit_on_user_error, run_hydra, sweep_metric, tested_checkpoint, validated
 from src.extras import require
 
 
@@ -31,11 +31,11 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = ()) -> float:
 
     # Imported after the checks above, so that bad input fails in a fraction of a second.
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from src import plots, tracking
-    from src.callbacks import AtomicCheckpointIO, CheckpointOnInterrupt, KerasProgressBar
+    from src.callbacks import AtomicCheckpointIO, CheckpointOnInterrupt, KerasProgressBar, ValidationRecord
     from src.data import MNISTDataModule
     from src.idx import DATASET_CLASSES
     from src.model import MNISTClassifier
@@ -52,11 +52,16 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = ()) -> float:
 
     checkpoint_dir = run_dir / "checkpoints"
     # last.ckpt after every epoch. (save_last=True would only refresh it when a top-k checkpoint is saved.)
-    checkpoints = [ModelCheckpoint(dirpath=checkpoint_dir, filename="last", enable_version_counter=False)]
-    if has_val:
-        checkpoints.append(ModelCheckpoint(dirpath=checkpoint_dir, monitor="val/acc", mode="max",
-                                           filename="best-epoch{epoch:02d}-val_acc{val/acc:.4f}",
-                                           auto_insert_metric_name=False))
+    # With a validation split the best checkpoint comes first: it saves first, so that last.ckpt holds its
+    # state of the same epoch and a resumed run still knows its best epoch.
+    last = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", enable_version_counter=False)
+    best = ModelCheckpoint(dirpath=checkpoint_dir, monitor="val/acc", mode="max",
+                           filename="best-epoch{epoch:02d}-val_acc{val/acc:.4f}", auto_insert_metric_name=False)
+    checkpoints = [best, last] if has_val else [last]
+    record = ValidationRecord()
+    early_stopping = config.early_stopping
+    stopper = EarlyStopping(monitor="val/acc", mode="max", patience=early_stopping.patience,
+                            min_delta=early_stopping.min_delta) if early_stopping.enabled else None
     loggers, logger_callbacks = tracking.build_loggers(config, run_dir, resume_from)  # metrics.csv, and logger=...
     trainer_args = {k: v for k, v in dataclasses.asdict(config.trainer).items() if v is not None}
     limit_val_batches = trainer_args.pop("limit_val_batches", 1.0) if has_val else 0
@@ -64,7 +69,8 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = ()) -> float:
         **trainer_args,
         default_root_dir=run_dir,
         logger=loggers,
-        callbacks=[*checkpoints, CheckpointOnInterrupt(checkpoint_dir), *logger_callbacks, *callbacks]
+        callbacks=[*checkpoints, record, *([stopper] if stopper else []), CheckpointOnInterrupt(checkpoint_dir),
+                   *logger_callbacks, *callbacks]
         + ([KerasProgressBar()] if config.trainer.enable_progress_bar else []),
         plugins=[AtomicCheckpointIO()],
         limit_val_batches=limit_val_batches,
@@ -75,12 +81,24 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = ()) -> float:
     except SIGTERMException:
         sys.exit(1)  # CheckpointOnInterrupt saved the state and said how to resume, as for Ctrl-C
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # test() replaces them
-    test = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+    # What ckpt_path="best" resolves to, named here: with two ModelCheckpoints Lightning would warn.
+    # None (the weights in memory) without a validation split, or when no epoch was validated (fast_dev_run).
+    tested = best.best_model_path if tested_checkpoint(config) == "best" and best.best_model_path else None
+    test = trainer.test(model, datamodule=datamodule, ckpt_path=tested, weights_only=True, verbose=False)[0]
     metrics.update(test)
     if not trainer.is_global_zero:
         return float("nan")
 
-    print(f"test_loss: {test['test/loss']:.4f} test_acc: {test['test/acc']:.4f}")
+    note = ""
+    if tested is not None:
+        best_epoch = load_checkpoint(tested)["epoch"]
+        metrics.update(record.epochs.get(best_epoch, {}))  # the validation figures of the weights tested
+        note = f" (best epoch {best_epoch + 1} of {trainer.current_epoch})"
+    if stopper is not None and stopper.stopped_epoch + 1 == trainer.current_epoch < config.trainer.max_epochs:
+        print(f"early stopping: val/acc did not rise by more than {early_stopping.min_delta} for "
+              f"{stopper.wait_count} epochs, so training stopped after epoch {trainer.current_epoch} "
+              f"of {config.trainer.max_epochs}")
+    print(f"test_loss: {test['test/loss']:.4f} test_acc: {test['test/acc']:.4f}{note}")
     plots.training_curves(run_dir / "metrics.csv", run_dir / "training_curves.png")
     plots.confusion_matrix(model.test_confusion, DATASET_CLASSES[config.data.name].classes,
                            run_dir / "confusion_matrix.png")

@@ -90,10 +90,10 @@ def suggest(trial, space: dict) -> dict[str, Any]:
 def tune(cfg: DictConfig, study_dir: str | Path):
     """Run trials of the study in study_dir until it holds n_trials in all (with other workers'); return it."""
     require("sweep", "python -m src.tune", "optuna", "optuna_integration")
+    if cfg.data.val_size <= 0:  # before validated(), whose early-stopping check would say less
+        raise UserError(f"data.val_size={cfg.data.val_size} is not valid: the search needs a validation split (> 0)")
     config = validated(cfg)
     search = config.hparams_search
-    if config.data.val_size <= 0:
-        raise UserError(f"data.val_size={config.data.val_size} is not valid: the search needs a validation split (> 0)")
     metric = config.optimized_metric or "val/acc"
     if not metric.startswith("val/"):
         raise UserError(f"optimized_metric={metric} is not valid: the search optimises a validation metric")
