@@ -233,6 +233,31 @@ class ExportConfig:
 ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 
 
+EVALUATE_SPLITS = ("test", "val")
+
+
+@dataclass
+class EvaluateConfig:
+    ckpt_path: Optional[str] = None  # None: the newest last.ckpt under outputs/ and multirun/
+    split: str = "test"  # or val: the validation split the checkpoint's training run held out
+    data_dir: Optional[str] = None  # None: the folder the checkpoint's training run read
+    device: str = "cpu"
+    batch_size: Optional[int] = None  # None: the training run's data.batch_size, so the figures are the run's
+    gallery: int = 25  # how many of the most confidently wrong images to show
+
+    def __post_init__(self) -> None:
+        _check(self.split in EVALUATE_SPLITS, "split", self.split, f"expected one of {', '.join(EVALUATE_SPLITS)}")
+        _check(self.device in PREDICT_DEVICES, "device", self.device, f"expected one of {', '.join(PREDICT_DEVICES)}")
+        _check(self.data_dir is None or self.data_dir.strip() != "", "data_dir", self.data_dir,
+               "expected a folder holding the dataset's files")
+        _check(self.batch_size is None or self.batch_size > 0, "batch_size", self.batch_size,
+               "expected a positive integer, or null for the training run's")
+        _check(self.gallery >= 0, "gallery", self.gallery, "expected 0 (no gallery) or more images")
+
+
+ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
+
+
 @dataclass
 class AppConfig:
     ckpt_path: Optional[str] = None  # None: the newest last.ckpt under outputs/ and multirun/
