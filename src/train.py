@@ -81,6 +81,9 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = ()) -> float:
     except SIGTERMException:
         sys.exit(1)  # CheckpointOnInterrupt saved the state and said how to resume, as for Ctrl-C
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # test() replaces them
+    # Read before test(), which gives the callbacks the state they had in the checkpoint it loads.
+    stopped = stopper is not None and stopper.stopped_epoch + 1 == trainer.current_epoch < config.trainer.max_epochs
+    waited = stopper.wait_count if stopper is not None else 0
     # What ckpt_path="best" resolves to, named here: with two ModelCheckpoints Lightning would warn.
     # None (the weights in memory) without a validation split, or when no epoch was validated (fast_dev_run).
     tested = best.best_model_path if tested_checkpoint(config) == "best" and best.best_model_path else None
@@ -94,10 +97,9 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = ()) -> float:
         best_epoch = load_checkpoint(tested)["epoch"]
         metrics.update(record.epochs.get(best_epoch, {}))  # the validation figures of the weights tested
         note = f" (best epoch {best_epoch + 1} of {trainer.current_epoch})"
-    if stopper is not None and stopper.stopped_epoch + 1 == trainer.current_epoch < config.trainer.max_epochs:
-        print(f"early stopping: val/acc did not rise by more than {early_stopping.min_delta} for "
-              f"{stopper.wait_count} epochs, so training stopped after epoch {trainer.current_epoch} "
-              f"of {config.trainer.max_epochs}")
+    if stopped:
+        print(f"early stopping: val/acc did not rise by more than {early_stopping.min_delta} for {waited} epochs, "
+              f"so training stopped after epoch {trainer.current_epoch} of {config.trainer.max_epochs}")
     print(f"test_loss: {test['test/loss']:.4f} test_acc: {test['test/acc']:.4f}{note}")
     plots.training_curves(run_dir / "metrics.csv", run_dir / "training_curves.png")
     plots.confusion_matrix(model.test_confusion, DATASET_CLASSES[config.data.name].classes,
