@@ -5,11 +5,12 @@ held out, printed as the training run prints them; written into the run's folder
 outputs/evaluate/DATE/TIME/: metrics.json, confusion_matrix.png (with each class's accuracy) and
 mistakes.png, the most confidently wrong images, most confident first.
 
-The plain network (src/inference.py) does the work, not a Trainer: the images go through it in
-batches of the training run's size, and torchmetrics averages loss and accuracy with the same
-metrics the LightningModule uses, so the checkpoint a training run tested gets the figures that
-run printed. Without Lightning (and a Trainer's set-up) the command starts seconds sooner, and
-the probabilities the gallery needs come straight from the forward pass.
+The plain network (src/inference.py) does the work, not a Trainer, because it is simpler: the
+gallery needs every image's probabilities, which Trainer.test() does not return, and a Trainer
+would also start loggers and checkpoint callbacks that must be switched off here. The images go
+through the network in batches of the training run's size, and torchmetrics averages loss and
+accuracy with the same metrics the LightningModule uses, so the checkpoint a training run tested
+gets the figures that run printed. Lightning is never imported.
 """
 
 from __future__ import annotations

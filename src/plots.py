@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import torch
@@ -80,7 +81,9 @@ def mistakes(images: torch.Tensor, names: list[str], true: list[int], predicted:
         ax.axis("off")
     for ax, image, name, t, p, probability in zip(axes.flat, images, names, true, predicted, probabilities):
         ax.imshow(image.detach().cpu().reshape(28, 28), cmap="gray", vmin=0, vmax=1)
-        ax.set_title(f"{name}\ntrue: {classes[t]}\npredicted: {classes[p]}\n{probability:.1%}", fontsize=7.5)
+        # Cut, not rounded, to two decimals: a wrong answer given 99.996% must not read "100.00%".
+        percent = math.floor(probability * 10_000) / 100
+        ax.set_title(f"{name}\ntrue: {classes[t]}\npredicted: {classes[p]}\n{percent:.2f}%", fontsize=7.5)
     fig.suptitle(title, fontsize=10)
     fig.savefig(out, dpi=90)
     plt.close(fig)

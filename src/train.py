@@ -53,7 +53,7 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = ()) -> float:
     checkpoint_dir = run_dir / "checkpoints"
     # last.ckpt after every epoch. (save_last=True would only refresh it when a top-k checkpoint is saved.)
     # With a validation split the best checkpoint comes first: it saves first, so that last.ckpt holds its
-    # state of the same epoch and a resumed run still knows its best epoch.
+    # record of the same epoch (not the epoch before), which a run resumed in the same folder goes on from.
     last = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", enable_version_counter=False)
     best = ModelCheckpoint(dirpath=checkpoint_dir, monitor="val/acc", mode="max",
                            filename="best-epoch{epoch:02d}-val_acc{val/acc:.4f}", auto_insert_metric_name=False)
@@ -98,8 +98,9 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = ()) -> float:
         metrics.update(record.epochs.get(best_epoch, {}))  # the validation figures of the weights tested
         note = f" (best epoch {best_epoch + 1} of {trainer.current_epoch})"
     if stopped:
-        print(f"early stopping: val/acc did not rise by more than {early_stopping.min_delta} for {waited} epochs, "
-              f"so training stopped after epoch {trainer.current_epoch} of {config.trainer.max_epochs}")
+        print(f"early stopping: val/acc did not rise by more than {early_stopping.min_delta} for {waited} "
+              f"epoch{'s' * (waited != 1)}, so training stopped after epoch {trainer.current_epoch} "
+              f"of {config.trainer.max_epochs}")
     print(f"test_loss: {test['test/loss']:.4f} test_acc: {test['test/acc']:.4f}{note}")
     plots.training_curves(run_dir / "metrics.csv", run_dir / "training_curves.png")
     plots.confusion_matrix(model.test_confusion, DATASET_CLASSES[config.data.name].classes,
