@@ -48,6 +48,13 @@ def val_per_epoch(run_dir: Path) -> list[dict]:
         return [row for row in csv.DictReader(f) if row.get("val/acc")]
 
 
+def tested_figures(run_dir: Path) -> tuple[float, float]:
+    """test/loss and test/acc as the training run logged them, unrounded."""
+    with open(run_dir / "metrics.csv", newline="") as f:
+        [row] = [row for row in csv.DictReader(f) if row.get("test/acc")]
+    return float(row["test/loss"]), float(row["test/acc"])
+
+
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory) -> tuple[Path, str]:
     """A run without a validation split on the tiny data: its folder and what it printed."""
@@ -80,6 +87,7 @@ def test_evaluate_reproduces_what_a_run_without_validation_printed(plain_run, tm
     assert note == ""  # the final weights were tested, and the line is the original's
     result, out = run_evaluate(f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", run_dir=tmp_path / "eval")
     assert f"test_loss: {loss} test_acc: {acc}" in out.splitlines()
+    assert (result.loss, result.acc) == tested_figures(run)  # bit for bit: the same batches, weighted the same
 
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["ckpt_path"] == str(run / "checkpoints" / "last.ckpt") and metrics["split"] == "test"
@@ -100,8 +108,9 @@ def test_a_run_with_validation_tests_its_best_epoch_and_evaluate_reproduces_it(b
     assert torch.load(best, weights_only=True)["epoch"] == 0
     assert metric == val_acc[0]  # a sweep gets the tested epoch's val/acc
 
-    _, out = run_evaluate(f"ckpt_path={best}", run_dir=tmp_path / "best")
+    result, out = run_evaluate(f"ckpt_path={best}", run_dir=tmp_path / "best")
     assert f"test_loss: {loss} test_acc: {acc}" in out.splitlines()
+    assert (result.loss, result.acc) == tested_figures(run)
     _, out = run_evaluate(f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", run_dir=tmp_path / "last")
     last_loss, last_acc = re.search(r"^test_loss: (\S+) test_acc: (\S+)$", out, re.M).groups()
     assert last_loss != loss  # the printed figures are not the final weights'
