@@ -48,7 +48,7 @@ def val_per_epoch(run_dir: Path) -> list[dict]:
         return [row for row in csv.DictReader(f) if row.get("val/acc")]
 
 
-def tested_figures(run_dir: Path) -> tuple[float, float]:
+def logged_figures(run_dir: Path) -> tuple[float, float]:
     """test/loss and test/acc as the training run logged them, unrounded."""
     with open(run_dir / "metrics.csv", newline="") as f:
         [row] = [row for row in csv.DictReader(f) if row.get("test/acc")]
@@ -87,7 +87,7 @@ def test_evaluate_reproduces_what_a_run_without_validation_printed(plain_run, tm
     assert note == ""  # the final weights were tested, and the line is the original's
     result, out = run_evaluate(f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", run_dir=tmp_path / "eval")
     assert f"test_loss: {loss} test_acc: {acc}" in out.splitlines()
-    assert (result.loss, result.acc) == tested_figures(run)  # bit for bit: the same batches, weighted the same
+    assert (result.loss, result.acc) == logged_figures(run)  # bit for bit: the same batches, averaged the same way
 
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["ckpt_path"] == str(run / "checkpoints" / "last.ckpt") and metrics["split"] == "test"
@@ -110,7 +110,7 @@ def test_a_run_with_validation_tests_its_best_epoch_and_evaluate_reproduces_it(b
 
     result, out = run_evaluate(f"ckpt_path={best}", run_dir=tmp_path / "best")
     assert f"test_loss: {loss} test_acc: {acc}" in out.splitlines()
-    assert (result.loss, result.acc) == tested_figures(run)
+    assert (result.loss, result.acc) == logged_figures(run)
     _, out = run_evaluate(f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", run_dir=tmp_path / "last")
     last_loss, last_acc = re.search(r"^test_loss: (\S+) test_acc: (\S+)$", out, re.M).groups()
     assert last_loss != loss  # the printed figures are not the final weights'
