@@ -80,7 +80,8 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> Evaluation:
                "per_class_acc": per_class, "dataset": model.dataset, "batch_size": batch_size, "mistakes": mistakes}
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     result.files.append(run_dir / "metrics.json")
-    shown_dir = run_dir.relative_to(Path.cwd()) if run_dir.resolve().is_relative_to(Path.cwd()) else run_dir
+    here = Path.cwd().resolve()
+    shown_dir = run_dir.resolve().relative_to(here) if run_dir.resolve().is_relative_to(here) else run_dir
     note = "" if shown else " (no image was wrong: no gallery)" if not len(wrong) else " (gallery=0: no gallery)"
     print(f"wrote {', '.join(f.name for f in result.files)} into {shown_dir}/{note}")
     return result
