@@ -1,5 +1,5 @@
 """Lightning extensions the training run uses: a Keras-like progress bar, a checkpoint on
-Ctrl-C/SIGTERM, and checkpoint files that are never left half-written."""
+Ctrl-C/SIGTERM, checkpoint files that are never left half-written, and every epoch's validation figures."""
 
 from __future__ import annotations
 
@@ -108,3 +108,24 @@ class CheckpointOnInterrupt(L.Callback):
         if trainer.is_global_zero:
             print(f"\nInterrupted in epoch {trainer.current_epoch + 1} after {trainer.global_step} steps; saved {self.path}"
                   f"\nResume with: {self.context.resume_command(self.path)}", file=sys.stderr, flush=True)
+
+
+class ValidationRecord(L.Callback):
+    """Every epoch's val/loss and val/acc, kept in the checkpoints, so that a run that tests its best
+    epoch returns that epoch's figures to a sweep, also when it was resumed after that epoch.
+    (ModelCheckpoint keeps only the monitored val/acc of its best epoch.)"""
+
+    def __init__(self):
+        self.epochs: dict[int, dict[str, float]] = {}
+
+    def on_validation_end(self, trainer, pl_module):
+        # Lightning runs this before the ModelCheckpoints, which then save it with the epoch's checkpoints.
+        if not trainer.sanity_checking:
+            self.epochs[trainer.current_epoch] = {k: float(v) for k, v in trainer.callback_metrics.items()
+                                                  if k.startswith("val/")}
+
+    def state_dict(self) -> dict:
+        return {"epochs": self.epochs}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.epochs = dict(state_dict["epochs"])

@@ -114,20 +114,46 @@ class LoggerConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    """Lightning's EarlyStopping on val/acc: training stops once val/acc has not risen by more than
+    min_delta for `patience` epochs in a row."""
+
+    enabled: bool = False
+    patience: int = 3
+    min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.patience >= 1, "early_stopping.patience", self.patience, "expected 1 or more epochs")
+        _check(self.min_delta >= 0, "early_stopping.min_delta", self.min_delta, "expected a number >= 0")
+
+
+TEST_CKPTS = ("best", "last")
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     seed: int = 42
     ckpt_path: Optional[str] = None  # resume training from this checkpoint
     optimized_metric: Optional[str] = None  # what main returns to a sweep; None: val/acc with a val split, else test/acc
+    test_ckpt: Optional[str] = None  # the weights tested: best or last; None: best with a val split, else last
 
     def __post_init__(self) -> None:
         metrics = ("val/acc", "val/loss", "test/acc", "test/loss", "train/acc", "train/loss")
         _check(self.optimized_metric in (None, *metrics), "optimized_metric", self.optimized_metric,
                f"expected one of {', '.join(metrics)}")
+        _check(self.test_ckpt in (None, *TEST_CKPTS), "test_ckpt", self.test_ckpt,
+               f"expected one of {', '.join(TEST_CKPTS)}, or null for best with a validation split, else last")
+        no_val = "needs a validation split: set data.val_size (e.g. data.val_size=10000)"
+        _check(self.test_ckpt != "best" or self.data.val_size > 0, "test_ckpt", self.test_ckpt,
+               f"the best epoch is chosen on val/acc, which {no_val}, or use test_ckpt=last")
+        if self.early_stopping.enabled and self.data.val_size == 0:
+            raise UserError(f"early_stopping.enabled=true is not valid: early stopping watches val/acc, which {no_val}")
 
 
 ConfigStore.instance().store(group="schema", name="train", node=TrainConfig, package="_global_")
@@ -136,6 +162,11 @@ ConfigStore.instance().store(group="schema", name="train", node=TrainConfig, pac
 def sweep_metric(cfg) -> str:
     """What a training run returns to a sweep (and the summary ranks by), for a composed or built config."""
     return cfg.optimized_metric or ("val/acc" if cfg.data.val_size > 0 else "test/acc")
+
+
+def tested_checkpoint(cfg) -> str:
+    """Which weights a training run tests, for a composed or built config: "best" (by val/acc) or "last"."""
+    return cfg.test_ckpt or ("best" if cfg.data.val_size > 0 else "last")
 
 
 SPLITS = ("train", "test")
@@ -185,6 +216,31 @@ class ExportConfig:
 
 
 ConfigStore.instance().store(name="export_schema", node=ExportConfig)
+
+
+EVALUATE_SPLITS = ("test", "val")
+
+
+@dataclass
+class EvaluateConfig:
+    ckpt_path: Optional[str] = None  # None: the newest last.ckpt under outputs/ and multirun/
+    split: str = "test"  # or val: the validation split the checkpoint's training run held out
+    data_dir: Optional[str] = None  # None: the folder the checkpoint's training run read
+    device: str = "cpu"
+    batch_size: Optional[int] = None  # None: the training run's data.batch_size, so the figures are the run's
+    gallery: int = 25  # how many of the most confidently wrong images to show
+
+    def __post_init__(self) -> None:
+        _check(self.split in EVALUATE_SPLITS, "split", self.split, f"expected one of {', '.join(EVALUATE_SPLITS)}")
+        _check(self.device in PREDICT_DEVICES, "device", self.device, f"expected one of {', '.join(PREDICT_DEVICES)}")
+        _check(self.data_dir is None or self.data_dir.strip() != "", "data_dir", self.data_dir,
+               "expected a folder holding the dataset's files")
+        _check(self.batch_size is None or self.batch_size > 0, "batch_size", self.batch_size,
+               "expected a positive integer, or null for the training run's")
+        _check(self.gallery >= 0, "gallery", self.gallery, "expected 0 (no gallery) or more images")
+
+
+ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
 
 
 @dataclass

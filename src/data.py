@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from src.errors import UserError
-from src.idx import load_split, prepare_files
+from src.idx import load_split, prepare_files, validation_split
 
 
 class EpochShuffle:
@@ -92,12 +92,10 @@ class MNISTDataModule(L.LightningDataModule):
         x, y = load_split(self.hparams.name, raw, train=True)
         x_test, y_test = load_split(self.hparams.name, raw, train=False)
         val_size = self.hparams.val_size
-        if val_size >= len(x):
-            raise UserError(f"data.val_size={val_size} is not valid: expected less than the {len(x)} training images")
         if val_size:
-            order = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.hparams.seed))
-            self.val_xy = (x[order[:val_size]], y[order[:val_size]])
-            x, y = x[order[val_size:]], y[order[val_size:]]
+            train, val = validation_split(len(x), val_size, self.hparams.seed)
+            self.val_xy = (x[val], y[val])
+            x, y = x[train], y[train]
         self.train_xy, self.test_xy = (x, y), (x_test, y_test)
         rank_zero_info(f"train images {tuple(x.shape)} {str(x.dtype)[6:]}, train labels {tuple(y.shape)}"
                        + (f", validation images {tuple(self.val_xy[0].shape)}" if val_size else "")

@@ -121,6 +121,18 @@ def _download(name: str, data_dir: Path, raw: Path, tmp: Path) -> None:
         os.replace(downloaded / f, tmp / f)
 
 
+def validation_split(size: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The indices of the `size` training images that train, and of the `val_size` held out for validation.
+
+    A seeded permutation: the data module splits with it, and src.evaluate rebuilds a checkpoint's
+    validation split with it from the val_size and seed the checkpoint records.
+    """
+    if val_size >= size:
+        raise UserError(f"data.val_size={val_size} is not valid: expected less than the {size} training images")
+    order = torch.randperm(size, generator=torch.Generator().manual_seed(seed))
+    return order[val_size:], order[:val_size]
+
+
 @functools.lru_cache(maxsize=4)
 def load_split(name: str, raw: str, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (N, 784) float32 in [0, 1] and one-hot labels (N, 10) float32.

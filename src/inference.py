@@ -55,6 +55,13 @@ def chosen_checkpoint(ckpt_path: str | None) -> tuple[Path, str]:
     return newest_checkpoint(), f"the newest last.ckpt under {', '.join(f + '/' for f in RUN_FOLDERS)}"
 
 
+def check_device(device: str) -> None:
+    """A device a model can run on here (cpu, cuda or mps), or one line saying to use the CPU."""
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available[device]:
+        raise UserError(f"device={device!r} is not available on this machine; use device=cpu")
+
+
 def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
     """The network rebuilt from the checkpoint's own hyperparameters, with its class names."""
     from src.checkpoint import architecture, data_settings, load_checkpoint, network_weights

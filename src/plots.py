@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import torch
@@ -46,8 +47,8 @@ def training_curves(metrics_csv: Path, out: Path) -> Path | None:
     return out
 
 
-def confusion_matrix(confusion: torch.Tensor, classes: list[str], out: Path) -> Path:
-    """Counts of (true, predicted) test labels, with each class's accuracy on its row."""
+def confusion_matrix(confusion: torch.Tensor, classes: list[str], out: Path, split: str = "test") -> Path:
+    """Counts of (true, predicted) labels of the split, with each class's accuracy on its row."""
     plt = file_pyplot()
     counts = confusion.to(torch.int64)
     per_class = counts.diag().double() / counts.sum(dim=1).clamp(min=1)
@@ -60,9 +61,31 @@ def confusion_matrix(confusion: torch.Tensor, classes: list[str], out: Path) -> 
                     color="white" if value > counts.max() / 2 else "black")
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     ax.set_yticks(range(len(classes)), [f"{c} ({a:.1%})" for c, a in zip(classes, per_class.tolist())])
-    ax.set(xlabel="predicted", ylabel="true (per-class accuracy)", title="test confusion matrix")
+    ax.set(xlabel="predicted", ylabel="true (per-class accuracy)", title=f"{split} confusion matrix")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def mistakes(images: torch.Tensor, names: list[str], true: list[int], predicted: list[int],
+             probabilities: list[float], classes: list[str], out: Path, title: str, columns: int = 5) -> Path:
+    """Wrongly classified images in a grid, in the order given, each titled with its name, its true class,
+    the predicted class and the probability the model gave it."""
+    plt = file_pyplot()
+    columns = max(1, min(columns, len(images)))
+    rows = -(-len(images) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.75 * columns, 2.3 * rows + 0.4), squeeze=False,
+                             layout="constrained")  # room for each image's four title lines
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, name, t, p, probability in zip(axes.flat, images, names, true, predicted, probabilities):
+        ax.imshow(image.detach().cpu().reshape(28, 28), cmap="gray", vmin=0, vmax=1)
+        # Cut, not rounded, to two decimals: a wrong answer given 99.996% must not read "100.00%".
+        percent = math.floor(probability * 10_000) / 100
+        ax.set_title(f"{name}\ntrue: {classes[t]}\npredicted: {classes[p]}\n{percent:.2f}%", fontsize=7.5)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(out, dpi=90)
     plt.close(fig)
     return out
 

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from src.cli import entry_point
 from src.config import PredictConfig, validated
 from src.errors import UserError
-from src.inference import chosen_checkpoint, load_model
+from src.inference import check_device, chosen_checkpoint, load_model
 from src.pictures import read_image
 from src.run_context import RunContext
 
@@ -32,12 +32,6 @@ class Prediction:
     figure: Path | None = None
 
 
-def _check_device(device: str) -> None:
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available[device]:
-        raise UserError(f"device={device!r} is not available on this machine; use device=cpu")
-
-
 def _describe(k: int, classes: list[str]) -> str:
     return str(k) if classes[k] == str(k) else f"{k} ({classes[k]})"
 
@@ -45,7 +39,7 @@ def _describe(k: int, classes: list[str]) -> str:
 def predict(cfg: DictConfig, run_dir: str | Path) -> list[Prediction]:
     """Classify the configured images, print the results and save one figure per image."""
     config: PredictConfig = validated(cfg)
-    _check_device(config.device)
+    check_device(config.device)
     own_image = read_image(config.image) if config.image is not None else None
     ckpt_path, source = chosen_checkpoint(config.ckpt_path)
     model = load_model(ckpt_path, config.device)

@@ -22,12 +22,12 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from src.config import sweep_metric
+from src.config import sweep_metric, tested_checkpoint
 from src.errors import one_line
 from src.run_files import METRICS, last_checkpoint
 
 RESULT_FILE = "result.json"
-COLUMNS = ("job", "overrides", "status", "val/acc", "test/acc", "epochs", "wall_s", "checkpoint", "error")
+COLUMNS = ("job", "overrides", "status", "val/acc", "test/acc", "tested", "epochs", "wall_s", "checkpoint", "error")
 
 
 class SweepSummary(Callback):
@@ -51,6 +51,7 @@ class SweepSummary(Callback):
             "overrides": list(config.hydra.overrides.task),
             "status": "failed" if failed else "completed",
             "metric": sweep_metric(config),
+            "tested": tested_checkpoint(config),
             "value": None if failed else _number(job_return.return_value),
             "wall_s": round(time.time() - self._started, 2) if self._started else None,
             "error": _one_line(error) if failed else "",
@@ -90,12 +91,14 @@ def collect(sweep_dir: Path) -> list[dict]:
     for result_file in sorted(sweep_dir.glob(f"**/{RESULT_FILE}")):
         job_dir = result_file.parent
         result = json.loads(result_file.read_text())
+        result.setdefault("tested", "last")  # a result.json of an earlier version
         metrics = last_metrics(job_dir / METRICS)
         checkpoint = last_checkpoint(job_dir)
         rows.append({
             **result,
             "overrides": " ".join(result["overrides"]),
-            "val/acc": metrics.get("val/acc"),
+            # The tested weights' val/acc: the best epoch's when the best was tested.
+            "val/acc": metrics.get("best val/acc" if result["tested"] == "best" else "val/acc"),
             "test/acc": metrics.get("test/acc"),
             "epochs": metrics.get("epochs"),
             "checkpoint": str(checkpoint) if checkpoint.is_file() else "",
@@ -105,7 +108,7 @@ def collect(sweep_dir: Path) -> list[dict]:
 
 
 def last_metrics(metrics_csv: Path) -> dict:
-    """The last value of every column of Lightning's metrics.csv, and how many epochs trained."""
+    """The last value of every column of Lightning's metrics.csv, the highest val/acc, and how many epochs trained."""
     if not metrics_csv.is_file():
         return {}
     last: dict[str, Any] = {}
@@ -117,6 +120,8 @@ def last_metrics(metrics_csv: Path) -> dict:
                     last[key] = float(value)
             if row.get("train/loss"):
                 trained.add(int(row["epoch"]))
+            if row.get("val/acc"):
+                last["best val/acc"] = max(last.get("best val/acc", 0.0), float(row["val/acc"]))
     last["epochs"] = len(trained)
     return last
 
@@ -140,7 +145,8 @@ def format_table(rows: list[dict], metric: str) -> str:
     """An aligned text table; columns that say nothing in this sweep are left out."""
     varied = swept_keys(rows)
     rows = [{**row, "swept values": " ".join(f"{k}={row['swept'].get(k, '')}" for k in varied)} for row in rows]
-    wanted = dict.fromkeys(("job", "status", "val/acc", "test/acc", metric, "epochs", "wall_s", "swept values", "error"))
+    wanted = dict.fromkeys(("job", "status", "val/acc", "test/acc", metric, "tested", "epochs", "wall_s", "swept values",
+                            "error"))
     columns = [c for c in wanted if any(row.get(c) not in (None, "") for row in rows)]
 
     def cell(column: str, value: Any) -> str:

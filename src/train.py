@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from src import run_files
 from src.checkpoint import check_architecture, load_checkpoint
 from src.cli import entry_point
-from src.config import TrainConfig, sweep_metric, validated
+from src.config import TrainConfig, sweep_metric, tested_checkpoint, validated
 from src.errors import UserError
 from src.extras import require
 from src.run_context import RunContext
@@ -38,11 +38,11 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = (), context: 
 
     # Imported after the checks above, so that bad input fails in a fraction of a second.
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from src import plots, tracking
-    from src.callbacks import AtomicCheckpointIO, CheckpointOnInterrupt, KerasProgressBar
+    from src.callbacks import AtomicCheckpointIO, CheckpointOnInterrupt, KerasProgressBar, ValidationRecord
     from src.data import MNISTDataModule
     from src.idx import DATASET_CLASSES
     from src.model import MNISTClassifier
@@ -59,10 +59,16 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = (), context: 
 
     checkpoint_dir = run_files.checkpoint_dir(run_dir)
     # last.ckpt after every epoch. (save_last=True would only refresh it when a top-k checkpoint is saved.)
-    checkpoints = [ModelCheckpoint(dirpath=checkpoint_dir, filename=run_files.LAST, enable_version_counter=False)]
-    if has_val:
-        checkpoints.append(ModelCheckpoint(dirpath=checkpoint_dir, monitor="val/acc", mode="max",
-                                           filename=run_files.BEST, auto_insert_metric_name=False))
+    # With a validation split the best checkpoint comes first: it saves first, so that last.ckpt holds its
+    # record of the same epoch (not the epoch before), which a run resumed in the same folder goes on from.
+    last = ModelCheckpoint(dirpath=checkpoint_dir, filename=run_files.LAST, enable_version_counter=False)
+    best = ModelCheckpoint(dirpath=checkpoint_dir, monitor="val/acc", mode="max",
+                           filename=run_files.BEST, auto_insert_metric_name=False)
+    checkpoints = [best, last] if has_val else [last]
+    record = ValidationRecord()
+    early_stopping = config.early_stopping
+    stopper = EarlyStopping(monitor="val/acc", mode="max", patience=early_stopping.patience,
+                            min_delta=early_stopping.min_delta) if early_stopping.enabled else None
     loggers, logger_callbacks = tracking.build_loggers(config, run_dir, resume_from, context)  # metrics.csv, logger=...
     trainer_args = {k: v for k, v in dataclasses.asdict(config.trainer).items() if v is not None}
     limit_val_batches = trainer_args.pop("limit_val_batches", 1.0) if has_val else 0
@@ -70,7 +76,8 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = (), context: 
         **trainer_args,
         default_root_dir=run_dir,
         logger=loggers,
-        callbacks=[*checkpoints, CheckpointOnInterrupt(checkpoint_dir, context), *logger_callbacks, *callbacks]
+        callbacks=[*checkpoints, record, *([stopper] if stopper else []), CheckpointOnInterrupt(checkpoint_dir, context),
+                   *logger_callbacks, *callbacks]
         + ([KerasProgressBar()] if config.trainer.enable_progress_bar else []),
         plugins=[AtomicCheckpointIO()],
         limit_val_batches=limit_val_batches,
@@ -81,12 +88,27 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = (), context: 
     except SIGTERMException:
         sys.exit(1)  # CheckpointOnInterrupt saved the state and said how to resume, as for Ctrl-C
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # test() replaces them
-    test = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+    # Read before test(), which gives the callbacks the state they had in the checkpoint it loads.
+    stopped = stopper is not None and stopper.stopped_epoch + 1 == trainer.current_epoch < config.trainer.max_epochs
+    waited = stopper.wait_count if stopper is not None else 0
+    # What ckpt_path="best" resolves to, named here: with two ModelCheckpoints Lightning would warn.
+    # None (the weights in memory) without a validation split, or when no epoch was validated (fast_dev_run).
+    tested = best.best_model_path if tested_checkpoint(config) == "best" and best.best_model_path else None
+    test = trainer.test(model, datamodule=datamodule, ckpt_path=tested, weights_only=True, verbose=False)[0]
     metrics.update(test)
     if not trainer.is_global_zero:
         return float("nan")
 
-    print(f"test_loss: {test['test/loss']:.4f} test_acc: {test['test/acc']:.4f}")
+    note = ""
+    if tested is not None:
+        best_epoch = load_checkpoint(tested)["epoch"]
+        metrics.update(record.epochs.get(best_epoch, {}))  # the validation figures of the weights tested
+        note = f" (best epoch {best_epoch + 1} of {trainer.current_epoch})"
+    if stopped:
+        print(f"early stopping: val/acc did not rise by more than {early_stopping.min_delta} for {waited} "
+              f"epoch{'s' * (waited != 1)}, so training stopped after epoch {trainer.current_epoch} "
+              f"of {config.trainer.max_epochs}")
+    print(f"test_loss: {test['test/loss']:.4f} test_acc: {test['test/acc']:.4f}{note}")
     plots.training_curves(run_dir / run_files.METRICS, run_dir / run_files.TRAINING_CURVES)
     plots.confusion_matrix(model.test_confusion, DATASET_CLASSES[config.data.name].classes,
                            run_dir / run_files.CONFUSION_MATRIX)

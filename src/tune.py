@@ -95,10 +95,10 @@ def tune(cfg: DictConfig, context: RunContext):
     Each trial trains in that context: interrupted, it says to run the search again, which continues the study.
     """
     require("sweep", "python -m src.tune", "optuna", "optuna_integration")
+    if cfg.data.val_size <= 0:  # before validated(), whose early-stopping check would say less
+        raise UserError(f"data.val_size={cfg.data.val_size} is not valid: the search needs a validation split (> 0)")
     config = validated(cfg)
     search = config.hparams_search
-    if config.data.val_size <= 0:
-        raise UserError(f"data.val_size={config.data.val_size} is not valid: the search needs a validation split (> 0)")
     metric = config.optimized_metric or "val/acc"
     if not metric.startswith("val/"):
         raise UserError(f"optimized_metric={metric} is not valid: the search optimises a validation metric")

@@ -68,6 +68,7 @@ def test_grid_sweep_summarises_every_job_and_reports_the_failed_one(tiny_data, t
         assert float(row["test/acc"]) == pytest.approx(metrics["test/acc"])
         assert int(row["epochs"]) == metrics["epochs"] == 1
         assert Path(row["checkpoint"]) == job_dir / "checkpoints" / "last.ckpt" and Path(row["checkpoint"]).is_file()
+        assert row["tested"] == "best"  # a validation split: the best epoch was tested
         assert float(row["wall_s"]) > 0
     values = [float(row["val/acc"]) for row in completed]
     assert values == sorted(values, reverse=True)  # best val/acc first
@@ -111,7 +112,8 @@ def test_submitit_local_sweep(tiny_data, tmp_path):
 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Submitit 'local' sweep" in result.stdout + result.stderr
-    completed_jobs(sweep_dir, ["model.hidden=16", "model.hidden=8"])
+    rows = completed_jobs(sweep_dir, ["model.hidden=16", "model.hidden=8"])
+    assert [row["tested"] for row in rows] == ["last", "last"]  # no validation split: the final weights
     assert len(list((sweep_dir / ".submitit").glob("*/*_result.pkl"))) == 2  # ran as submitit jobs
     assert "note: ranked on the test set" in result.stdout  # no validation split: the summary says so
 

@@ -19,6 +19,7 @@ from src.train import train
 from tests.conftest import ROOT, compose_train, needs_fashion
 
 LINE = re.compile(r"^test_loss: (\d+\.\d+) test_acc: (\d+\.\d+)$", re.M)
+LINE_WITH_EPOCH = re.compile(r"^test_loss: \d+\.\d+ test_acc: \d+\.\d+ (\(best epoch \d+ of \d+\))$", re.M)
 
 
 def run_cli(*args: str, cwd, env_extra=None) -> subprocess.CompletedProcess:
@@ -104,7 +105,34 @@ def test_validation_split_is_logged_and_returned(tiny_data, tmp_path, capsys):
     with open(tmp_path / "run" / "metrics.csv", newline="") as f:
         val_acc = [float(row["val/acc"]) for row in csv.DictReader(f) if row.get("val/acc")]
     assert metric == pytest.approx(val_acc[-1])
-    assert list((tmp_path / "run" / "checkpoints").glob("best-*.ckpt"))
+    [best] = (tmp_path / "run" / "checkpoints").glob("best-*.ckpt")
+    # last.ckpt holds the best checkpoint's record of the same epoch: it saved first.
+    states = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
+    [record] = [state for key, state in states.items() if "'monitor': 'val/acc'" in key and "best_model_path" in state]
+    assert record["best_model_path"] == str(best)
+
+
+def test_early_stopping_ends_a_run_whose_val_acc_stopped_rising_and_tests_its_best_epoch(tiny_data, tmp_path, capsys):
+    # val/acc cannot rise above 1.0, and this easy pattern reaches it within a few epochs: from there on
+    # it provably stops improving, so with a patience of 2 the run ends 2 epochs later, long before 10.
+    args = [f"data.data_dir={tiny_data}", "trainer.accelerator=cpu", "trainer.max_epochs=10", "data.val_size=100",
+            "model.hidden=16", "optimizer.lr=0.02", "early_stopping.enabled=true", "early_stopping.patience=2"]
+    train(compose_train(*args), tmp_path / "run")
+    out = capsys.readouterr().out
+    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
+        val_acc = [float(row["val/acc"]) for row in csv.DictReader(f) if row.get("val/acc")]
+    first_perfect = val_acc.index(1.0) + 1  # an epoch number, from 1
+    assert len(val_acc) == first_perfect + 2 < 10
+    assert ("early stopping: val/acc did not rise by more than 0.0 for 2 epochs, so training stopped after "
+            f"epoch {first_perfect + 2} of 10") in out
+    assert LINE_WITH_EPOCH.search(out).group(1) == f"(best epoch {first_perfect} of {first_perfect + 2})"
+
+    # last.ckpt resumes, with the stopper's count: val/acc is still 1.0, so one more epoch ends it again.
+    # (In a new folder Lightning's ModelCheckpoint starts its best anew: it is the resumed run's epoch.)
+    train(compose_train(*args, f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}"), tmp_path / "resumed")
+    out = capsys.readouterr().out
+    assert f"training stopped after epoch {first_perfect + 3} of 10" in out
+    assert LINE_WITH_EPOCH.search(out).group(1) == f"(best epoch {first_perfect + 3} of {first_perfect + 3})"
 
 
 @pytest.mark.parametrize("override, key", [
@@ -113,6 +141,11 @@ def test_validation_split_is_logged_and_returned(tiny_data, tmp_path, capsys):
     ("optimizer.lr=-1", "optimizer.lr=-1.0"),
     ("data.val_size=-5", "data.val_size=-5"),
     ("trainer.devices=0", "trainer.devices=0"),
+    ("test_ckpt=best", "test_ckpt='best' is not valid: the best epoch is chosen on val/acc, which needs a validation split"),
+    ("test_ckpt=first", "test_ckpt='first' is not valid: expected one of best, last"),
+    ("early_stopping.enabled=true", "early_stopping.enabled=true is not valid: early stopping watches val/acc, which "
+                                    "needs a validation split"),
+    ("early_stopping.patience=0", "early_stopping.patience=0 is not valid"),
 ])
 def test_bad_values_are_refused_before_anything_runs(tmp_path, override, key):
     with pytest.raises(UserError, match=re.escape(key)):
