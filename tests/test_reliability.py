@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -57,7 +58,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_data, tmp_
         interrupt_at_step(patch, step)
         with pytest.raises(SystemExit) as stopped:
             train(tiny_run(tiny_data), tmp_path / "broken")
-    assert stopped.value.code != 0
+    assert stopped.value.code == 1
     err = capsys.readouterr().err
     checkpoint = tmp_path / "broken" / "checkpoints" / "last.ckpt"
     assert f"saved {checkpoint}" in err and f"ckpt_path={checkpoint}" in err
@@ -76,7 +77,7 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(tiny_data, tmp_path, monke
     interrupt_at_step(monkeypatch, 5, times=2)  # in the middle of the first epoch: no checkpoint yet
     with pytest.raises(SystemExit) as stopped:
         train(tiny_run(tiny_data), tmp_path / "run")
-    assert stopped.value.code != 0
+    assert stopped.value.code == 1
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
     assert "Resume with" not in capsys.readouterr().err
 
@@ -136,12 +137,44 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint_whole(tmp_path):
     assert torch.load(path, weights_only=True)["tag"] == "old"
 
 
-def test_diverging_run_stops_and_writes_no_non_finite_checkpoint(tiny_data, tmp_path):
-    with pytest.raises(DivergedError, match=r"diverged in epoch 1: train/loss reached .*optimizer.lr=1000000.0"):
-        train(tiny_run(tiny_data, "optimizer.lr=1e6"), tmp_path / "run")
-    for checkpoint in (tmp_path / "run" / "checkpoints").glob("*.ckpt"):
-        state = torch.load(checkpoint, weights_only=True)["state_dict"]
-        assert all(torch.isfinite(v).all() for v in state.values()), checkpoint
+class BlowUpAfterOneEpoch(L.Callback):
+    """A learning rate that wrecks training, set after one good epoch: from the second epoch's first step
+    (Keras's RMSprop keeps the weights finite and the loss explodes), or `infinite` for its last step only
+    (the weights become NaN and infinite, while the epoch's loss, computed before that step, stays finite)."""
+
+    def __init__(self, infinite: bool):
+        self.infinite = infinite
+        self.after_first_epoch: dict | None = None
+
+    @staticmethod
+    def set_lr(trainer, lr: float) -> None:
+        for group in trainer.optimizers[0].param_groups:
+            group["lr"] = lr
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            self.after_first_epoch = {k: v.clone() for k, v in pl_module.state_dict().items()}
+            if not self.infinite:
+                self.set_lr(trainer, 1e6)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.infinite and trainer.current_epoch == 1 and batch_idx == trainer.num_training_batches - 1:
+            self.set_lr(trainer, float("inf"))
+
+
+@pytest.mark.parametrize("infinite, reason", [(False, r"train/loss reached \S+"), (True, "the weights are no longer finite")],
+                         ids=["loss", "weights"])
+def test_a_run_diverging_in_epoch_2_stops_and_keeps_epoch_1s_checkpoint(tiny_data, tmp_path, infinite, reason):
+    blow_up = BlowUpAfterOneEpoch(infinite)
+    with pytest.raises(DivergedError, match=rf"^training diverged in epoch 2: {reason} \(optimizer.lr=0.001 is likely"):
+        train(tiny_run(tiny_data), tmp_path / "run", callbacks=(blow_up,))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["last.ckpt"]
+    saved = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert (saved["epoch"], saved["global_step"]) == (0, 10)  # the first epoch's 10 steps, and no more
+    assert saved["state_dict"].keys() == blow_up.after_first_epoch.keys()
+    for name, weight in blow_up.after_first_epoch.items():
+        assert torch.isfinite(weight).all() and torch.equal(saved["state_dict"][name], weight), name
 
 
 def _prepare_and_load(args):

@@ -142,11 +142,14 @@ def test_command_line_run(tiny_data, tmp_path):
     (["data.bogus=1"], r"data\.bogus.*valid keys are name, data_dir, batch_size, val_size"),
     (["optimizer=nope"], r"optimizer/nope.*adam, rmsprop, sgd"),
     (["ckpt_path=missing.ckpt"], r"ckpt_path='missing.ckpt' is not valid: no such file"),
+    (["data.data_dir=TINY", "model.hidden=32", "optimizer.lr=1e6"],
+     r"^error: training diverged in epoch 1: train/loss reached \S+ \(optimizer\.lr=1000000\.0 is likely too large\); "
+     r"no checkpoint of it was written$"),
 ])
-def test_bad_input_gets_one_line_and_no_traceback(tmp_path, args, expected):
-    args = [a.replace("EMPTY", str(tmp_path / "empty")) for a in args]
+def test_bad_input_gets_one_line_and_no_traceback(tmp_path, tiny_data, args, expected):
+    args = [a.replace("EMPTY", str(tmp_path / "empty")).replace("TINY", str(tiny_data)) for a in args]
     result = run_cli(*args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert result.returncode != 0
+    assert result.returncode == 1
     assert "Traceback" not in result.stderr + result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and re.search(expected, errors[0]), result.stderr[-2000:]
