@@ -7,6 +7,7 @@ import fractions
 import hashlib
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,9 +23,10 @@ from src.config import UserError, one_line
 from src.idx import IDX_FILES, DataError, load_split, prepare_files, raw_folder
 from src.model import DivergedError, MNISTClassifier
 from src.train import train
-from tests.conftest import ROOT, compose_train, needs_fashion, write_idx
+from tests.conftest import ROOT, compose_train, entry_env, needs_fashion, write_dataset, write_idx
 
 EPOCHS, BATCH = 3, 64  # tiny data: 600 images -> 10 steps per epoch
+LINE = re.compile(r"^test_loss: \S+ test_acc: \S+$", re.M)
 
 
 def tiny_run(tiny_data, *extra: str):
@@ -82,32 +84,62 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(tiny_data, tmp_path, monke
     assert "Resume with" not in capsys.readouterr().err
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_signal_to_a_real_run_saves_a_checkpoint_that_resumes(tiny_data, tmp_path, signum):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("HYDRA_FULL_ERROR", None)
-    args = [sys.executable, "-m", "src.train", f"data.data_dir={tiny_data}", "data.batch_size=4", "model.hidden=32",
-            "trainer.max_epochs=1000", "trainer.accelerator=cpu", f"hydra.run.dir={tmp_path / 'run'}"]
-    process = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 120
-    while not metrics.exists() and time.time() < deadline:  # after the first epoch's checkpoint
-        time.sleep(0.2)
-    time.sleep(0.5)
-    process.send_signal(signum)
-    out, err = process.communicate(timeout=60)
-    assert process.returncode != 0
-    assert "Traceback" not in err, err[-3000:]
-    assert "Resume with: python -m src.train" in err and f"ckpt_path={metrics}" in err
-    state = torch.load(metrics, weights_only=True)
-    assert state["global_step"] > 0 and state["epoch"] < 1000
+SIGNALLED = ("data.batch_size=1", "model.hidden=32", "trainer.max_epochs=1", "trainer.accelerator=cpu")
+STEPS = 1200  # one epoch: 1200 images in batches of 1, a few seconds
 
-    resume = subprocess.run(args[:-2] + [f"trainer.max_epochs={state['epoch'] + 2}", f"ckpt_path={metrics}",
-                                         f"hydra.run.dir={tmp_path / 'resumed'}"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+def train_command(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "src.train", f"data.data_dir={data}", *SIGNALLED, *extra, f"hydra.run.dir={run_dir}"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, dict, str]:
+    """The data, and the final weights and test line of a real run with the signal tests' settings, left alone."""
+    root = tmp_path_factory.mktemp("signals")
+    data = write_dataset(root / "data", n_train=STEPS)
+    done = subprocess.run(train_command(data, root / "run"), cwd=root, env=entry_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return data, final_weights(root / "run"), LINE.search(done.stdout)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_to_a_real_run_saves_the_step_it_reached_and_resumes_to_the_uninterrupted_weights(
+        uninterrupted, tmp_path, signum):
+    data, straight, straight_line = uninterrupted
+    run, out = tmp_path / "run", tmp_path / "out.txt"
+    with open(out, "w") as stdout, open(tmp_path / "err.txt", "w") as stderr:
+        process = subprocess.Popen(train_command(data, run), cwd=tmp_path, env=entry_env(), stdout=stdout, stderr=stderr)
+    try:
+        # The progress bar (on stdout, every 20 steps) shows the epoch under way: the signal comes near its
+        # start, over a thousand steps before its end, so the run stops in the middle of the epoch.
+        deadline = time.time() + 120
+        while not re.search(rf"Epoch 0: .*\b([2-9]\d|\d{{3,}})/{STEPS}\b", out.read_text()):
+            assert process.poll() is None and time.time() < deadline, "the run did not start training"
+            time.sleep(0.05)
+        process.send_signal(signum)
+        assert process.wait(timeout=120) == 1
+    finally:
+        if process.poll() is None:
+            process.kill()
+    err = (tmp_path / "err.txt").read_text()
+    assert "Traceback" not in err, err[-3000:]
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    assert "Resume with: python -m src.train" in err and f"ckpt_path={checkpoint}" in err
+    steps = int(re.search(rf"Interrupted in epoch 1 after (\d+) steps; saved {re.escape(str(checkpoint))}$", err, re.M)[1])
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["global_step"] == steps and saved["epoch"] == 0 and 20 <= steps < STEPS  # mid-epoch, where it stood
+
+    resume = subprocess.run(train_command(data, tmp_path / "resumed", f"ckpt_path={checkpoint}"), cwd=tmp_path,
+                            env=entry_env(), capture_output=True, text=True, timeout=300)
     assert resume.returncode == 0, resume.stderr[-3000:]
-    assert "test_acc:" in resume.stdout
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == STEPS
+    resumed = final_weights(tmp_path / "resumed")
+    assert resumed.keys() == straight.keys()
+    for name, weight in straight.items():
+        assert torch.equal(resumed[name], weight), name
+    assert LINE.search(resume.stdout)[0] == straight_line
 
 
 SAVER = r"""
