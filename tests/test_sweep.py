@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from src.sweep import last_metrics
 from tests.conftest import compose_config, compose_train, entry_env
 
 
@@ -29,13 +28,20 @@ def read_summary(sweep_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def logged(metrics_csv: Path, key: str) -> list[float]:
+    """Every value of `key` in a run's metrics.csv, in order: Lightning's CSVLogger writes a row per logging
+    step, with the cells of the metrics not logged at that step left empty."""
+    with open(metrics_csv, newline="") as f:
+        return [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
+
+
 def completed_jobs(sweep_dir: Path, swept: list[str]) -> list[dict]:
     """The summary's rows, checked: one per value in `swept`, each completed, with its own job's test/acc."""
     rows = read_summary(sweep_dir)
     assert sorted(row["overrides"].split()[-1] for row in rows) == sorted(swept)
     for row in rows:
         assert row["status"] == "completed"
-        assert float(row["test/acc"]) == pytest.approx(last_metrics(sweep_dir / row["job"] / "metrics.csv")["test/acc"])
+        assert [float(row["test/acc"])] == logged(sweep_dir / row["job"] / "metrics.csv", "test/acc")
     return rows
 
 
@@ -63,10 +69,9 @@ def test_grid_sweep_summarises_every_job_and_reports_the_failed_one(tiny_data, t
     completed = [row for row in rows if row["status"] == "completed"]
     for row in completed:  # each row holds its own job's numbers
         job_dir = sweep_dir / row["job"]
-        metrics = last_metrics(job_dir / "metrics.csv")
-        assert float(row["val/acc"]) == pytest.approx(metrics["val/acc"])
-        assert float(row["test/acc"]) == pytest.approx(metrics["test/acc"])
-        assert int(row["epochs"]) == metrics["epochs"] == 1
+        assert [float(row["val/acc"])] == logged(job_dir / "metrics.csv", "val/acc")  # one epoch: one of each
+        assert [float(row["test/acc"])] == logged(job_dir / "metrics.csv", "test/acc")
+        assert int(row["epochs"]) == len(logged(job_dir / "metrics.csv", "train/loss")) == 1
         assert Path(row["checkpoint"]) == job_dir / "checkpoints" / "last.ckpt" and Path(row["checkpoint"]).is_file()
         assert float(row["wall_s"]) > 0
     values = [float(row["val/acc"]) for row in completed]
@@ -148,22 +153,33 @@ def test_ddp_cpu_trains_on_two_processes_and_reduces_metrics(tiny_data, tmp_path
 
 
 @pytest.mark.slow
-def test_optuna_search_prunes_and_resumes(tiny_data, tmp_path):
+def test_optuna_search_prunes_fails_and_resumes(tiny_data, tmp_path):
     import optuna
+    from optuna.trial import TrialState
 
     study_dir, epochs = tmp_path / "study", 3
+    # The lr range reaches 10, where training diverges; the study's first trial is put there (enqueued, as a
+    # user would try a known point), so that a failed trial does not depend on where TPE happens to look.
     args = [f"data.data_dir={tiny_data}", "data.val_size=100", f"trainer.max_epochs={epochs}",
             "hparams_search.pruner.n_startup_trials=1", "hparams_search.pruner.n_warmup_steps=0",
-            "hparams_search.params.optimizer.lr.low=1e-7", f"hydra.run.dir={study_dir}"]
+            "hparams_search.params.optimizer.lr.low=1e-7", "hparams_search.params.optimizer.lr.high=10",
+            f"hydra.run.dir={study_dir}"]
+    study_dir.mkdir()
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(study_dir / "journal.log")))
+    optuna.create_study(study_name="mnist-mlp", storage=storage, direction="maximize").enqueue_trial(
+        {"optimizer.lr": 10.0, "model.hidden": 512, "data.batch_size": 64})
     first = run("src.tune", *args, "hparams_search.n_trials=4", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(study_dir / "journal.log")))
     study = optuna.load_study(study_name="mnist-mlp", storage=storage)
     states = [t.state for t in study.trials]
-    assert len(states) == 4 and optuna.trial.TrialState.PRUNED in states
+    assert len(states) == 4 and TrialState.PRUNED in states
+    assert states[0] == TrialState.FAIL and study.trials[0].params["optimizer.lr"] == 10.0
+    assert "trial 0 failed: training diverged in epoch 1" in first.stdout + first.stderr
+    assert not list((study_dir / "trial_0").rglob("*.ckpt"))
+    assert TrialState.COMPLETE in states[1:]  # the search went on after the failure
     for trial in study.trials:
-        if trial.state == optuna.trial.TrialState.PRUNED:  # stopped before its last epoch
-            assert last_metrics(study_dir / f"trial_{trial.number}" / "metrics.csv")["epochs"] < epochs
+        if trial.state == TrialState.PRUNED:  # stopped before its last epoch
+            assert len(logged(study_dir / f"trial_{trial.number}" / "metrics.csv", "train/loss")) < epochs
 
     again = run("src.tune", *args, "hparams_search.n_trials=6", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
