@@ -97,14 +97,67 @@ def test_train_through_hydra_writes_the_run_folder(tiny_data, tmp_path, capsys):
     assert restored.hparams.optimizer == "rmsprop"
 
 
-def test_validation_split_is_logged_and_returned(tiny_data, tmp_path, capsys):
-    cfg = compose_train(f"data.data_dir={tiny_data}", "trainer.max_epochs=1", "trainer.accelerator=cpu",
-                        "data.val_size=100", "model.hidden=32")
-    metric = train(cfg, tmp_path / "run")
-    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
-        val_acc = [float(row["val/acc"]) for row in csv.DictReader(f) if row.get("val/acc")]
-    assert metric == pytest.approx(val_acc[-1])
-    assert list((tmp_path / "run" / "checkpoints").glob("best-*.ckpt"))
+def read_metrics(metrics_csv, key: str) -> list[float]:
+    """Every value of `key` in metrics.csv, in order (each epoch's row leaves the other metrics' cells empty)."""
+    with open(metrics_csv, newline="") as f:
+        return [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
+
+
+class SetLearningRate(L.Callback):
+    """From the start of epoch `epoch` (0-based) on, train with learning rate `lr`."""
+
+    def __init__(self, epoch: int, lr: float):
+        self.epoch, self.lr = epoch, lr
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            for group in trainer.optimizers[0].param_groups:
+                group["lr"] = self.lr
+
+
+def test_validation_split_is_logged_and_the_best_epoch_is_kept(tiny_data, tmp_path):
+    # Two epochs of learning, then one of gradient ascent (a negative learning rate): val/acc rises,
+    # then falls (0.51, 0.71, 0.09 here), so the best epoch is neither the first nor the last.
+    cfg = compose_train(f"data.data_dir={tiny_data}", "trainer.max_epochs=3", "trainer.accelerator=cpu",
+                        "data.val_size=100", "model.hidden=32", "optimizer.lr=3e-4", "data.batch_size=64")
+    metric = train(cfg, tmp_path / "run", callbacks=(SetLearningRate(2, -3e-3),))
+    val_acc = read_metrics(tmp_path / "run" / "metrics.csv", "val/acc")
+    assert len(val_acc) == 3 and metric == pytest.approx(val_acc[-1])  # the last epoch's is returned
+    best = val_acc.index(max(val_acc))
+    assert best == 1 and val_acc[0] < val_acc[1] > val_acc[2]
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [f"best-epoch01-val_acc{val_acc[1]:.4f}.ckpt", "last.ckpt"]
+    saved = torch.load(next(checkpoints.glob("best-*.ckpt")), weights_only=True)
+    assert (saved["epoch"], saved["global_step"]) == (1, 2 * 8)  # 500 training images in batches of 64
+    # It holds that epoch's weights: they score its val/acc on the validation split.
+    dm = MNISTDataModule(data_dir=str(tiny_data), batch_size=64, val_size=100, seed=42)
+    dm.setup("fit")
+    x, y = dm.val_xy
+    model = MNISTClassifier(hidden=32)
+    model.load_state_dict(saved["state_dict"])
+    with torch.no_grad():
+        assert (model(x).argmax(1) == y.argmax(1)).float().mean().item() == pytest.approx(val_acc[1], abs=1e-6)
+
+
+@pytest.mark.parametrize("name, optimizer, keras_defaults", [
+    ("adam", torch.optim.Adam, {"lr": 0.001, "betas": (0.9, 0.999), "eps": 1e-07}),
+    ("sgd", torch.optim.SGD, {"lr": 0.01, "momentum": 0.0}),
+])
+def test_adam_and_sgd_train_with_keras_defaults(tiny_data, tmp_path, name, optimizer, keras_defaults):
+    class RecordOptimizer(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.optimizer = trainer.optimizers[0]
+
+    record = RecordOptimizer()
+    train(compose_train(f"data.data_dir={tiny_data}", f"optimizer={name}", "trainer.max_epochs=3",
+                        "trainer.accelerator=cpu", "model.hidden=32", "data.batch_size=32"), tmp_path / "run",
+          callbacks=(record,))
+    assert type(record.optimizer) is optimizer
+    (group,) = record.optimizer.param_groups
+    assert {key: group[key] for key in keras_defaults} == keras_defaults
+    losses = read_metrics(tmp_path / "run" / "metrics.csv", "train/loss")
+    assert len(losses) == 3 and losses[0] > losses[1] > losses[2], losses  # it learns
 
 
 @pytest.mark.parametrize("override, key", [
