@@ -49,6 +49,15 @@ def write_dataset(folder: Path, n_train: int = 600, n_test: int = 200, gz: bool 
     return folder
 
 
+def logged(metrics_csv: Path, key: str) -> list[float]:
+    """Every value of `key` in a run's metrics.csv, in order, read with the csv module: Lightning's CSVLogger
+    writes a row per logging step, with the cells of the metrics not logged at that step left empty."""
+    import csv
+
+    with open(metrics_csv, newline="") as f:
+        return [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
+
+
 def entry_env(*drop: str, **extra: str) -> dict:
     """This process's environment for a `python -m src.X` subprocess: the repository importable, `extra`
     added, and without HYDRA_FULL_ERROR and PYTHONWARNINGS (which change what the tests read) or `drop`."""

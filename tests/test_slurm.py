@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import entry_env
-from tests.test_sweep import completed_jobs, logged, read_summary, run
+from tests.conftest import entry_env, logged
+from tests.test_sweep import completed_jobs, read_summary, run
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import compose_config, compose_train, entry_env
+from tests.conftest import compose_config, compose_train, entry_env, logged
 
 
 def run(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -26,13 +26,6 @@ def run(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: in
 def read_summary(sweep_dir: Path) -> list[dict]:
     with open(sweep_dir / "summary.csv", newline="") as f:
         return list(csv.DictReader(f))
-
-
-def logged(metrics_csv: Path, key: str) -> list[float]:
-    """Every value of `key` in a run's metrics.csv, in order: Lightning's CSVLogger writes a row per logging
-    step, with the cells of the metrics not logged at that step left empty."""
-    with open(metrics_csv, newline="") as f:
-        return [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
 
 
 def completed_jobs(sweep_dir: Path, swept: list[str]) -> list[dict]:

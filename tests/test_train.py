@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 import subprocess
@@ -16,7 +15,7 @@ from src.config import UserError
 from src.data import MNISTDataModule
 from src.model import MNISTClassifier
 from src.train import train
-from tests.conftest import ROOT, compose_train, needs_fashion
+from tests.conftest import ROOT, compose_train, logged, needs_fashion
 
 LINE = re.compile(r"^test_loss: (\d+\.\d+) test_acc: (\d+\.\d+)$", re.M)
 
@@ -97,12 +96,6 @@ def test_train_through_hydra_writes_the_run_folder(tiny_data, tmp_path, capsys):
     assert restored.hparams.optimizer == "rmsprop"
 
 
-def read_metrics(metrics_csv, key: str) -> list[float]:
-    """Every value of `key` in metrics.csv, in order (each epoch's row leaves the other metrics' cells empty)."""
-    with open(metrics_csv, newline="") as f:
-        return [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
-
-
 class SetLearningRate(L.Callback):
     """From the start of epoch `epoch` (0-based) on, train with learning rate `lr`."""
 
@@ -121,7 +114,7 @@ def test_validation_split_is_logged_and_the_best_epoch_is_kept(tiny_data, tmp_pa
     cfg = compose_train(f"data.data_dir={tiny_data}", "trainer.max_epochs=3", "trainer.accelerator=cpu",
                         "data.val_size=100", "model.hidden=32", "optimizer.lr=3e-4", "data.batch_size=64")
     metric = train(cfg, tmp_path / "run", callbacks=(SetLearningRate(2, -3e-3),))
-    val_acc = read_metrics(tmp_path / "run" / "metrics.csv", "val/acc")
+    val_acc = logged(tmp_path / "run" / "metrics.csv", "val/acc")
     assert len(val_acc) == 3 and metric == pytest.approx(val_acc[-1])  # the last epoch's is returned
     best = val_acc.index(max(val_acc))
     assert best == 1 and val_acc[0] < val_acc[1] > val_acc[2]
@@ -156,7 +149,7 @@ def test_adam_and_sgd_train_with_keras_defaults(tiny_data, tmp_path, name, optim
     assert type(record.optimizer) is optimizer
     (group,) = record.optimizer.param_groups
     assert {key: group[key] for key in keras_defaults} == keras_defaults
-    losses = read_metrics(tmp_path / "run" / "metrics.csv", "train/loss")
+    losses = logged(tmp_path / "run" / "metrics.csv", "train/loss")
     assert len(losses) == 3 and losses[0] > losses[1] > losses[2], losses  # it learns
 
 
