@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -114,16 +115,47 @@ def test_submitit_local_sweep(tiny_data, tmp_path):
     assert "note: ranked on the test set" in result.stdout  # no validation split: the summary says so
 
 
+# `python -m src.train`, with each process saving the images of every batch it trained on, per epoch, into
+# $BATCHES_DIR/rank<R>.pt, R being torch.distributed's rank. Run as a module (python -m record_batches), so that
+# Lightning starts the second DDP process with the same command.
+RECORD_BATCHES = """
+import os, runpy, torch
+import torch.distributed as dist
+from src.model import MNISTClassifier
+
+seen = {}
+training_step = MNISTClassifier.training_step
+
+
+def recording_step(self, batch, batch_idx):
+    seen.setdefault(self.current_epoch, []).append(batch[0].clone())
+    return training_step(self, batch, batch_idx)
+
+
+def save(self):
+    images = {epoch: torch.cat(batches) for epoch, batches in seen.items()}
+    torch.save(images, os.path.join(os.environ["BATCHES_DIR"], f"rank{dist.get_rank()}.pt"))
+
+
+MNISTClassifier.training_step, MNISTClassifier.on_train_end = recording_step, save
+if __name__ == "__main__":  # src/train.py as `python -m src.train` runs it; sys.modules["__main__"] stays this module
+    runpy.run_module("src.train", run_name="__main__")
+"""
+
+
 @pytest.mark.slow
-def test_ddp_cpu_trains_on_two_processes_and_reduces_metrics(tiny_data, tmp_path):
+def test_ddp_cpu_trains_on_two_processes_on_halves_of_each_epoch_and_reduces_metrics(tiny_data, tmp_path):
     import torch
 
     from src.idx import load_split, prepare_files
     from src.model import MNISTClassifier
 
-    run_dir, batch_size, epochs, world_size = tmp_path / "run", 32, 1, 2
-    result = run("src.train", "trainer=ddp_cpu", f"data.data_dir={tiny_data}", f"data.batch_size={batch_size}",
-                 f"trainer.max_epochs={epochs}", "optimizer.lr=1e-5", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    (tmp_path / "record_batches.py").write_text(RECORD_BATCHES)
+    env = entry_env(BATCHES_DIR=str(tmp_path))
+    env["PYTHONPATH"] += f"{os.pathsep}{tmp_path}"
+    run_dir, batch_size, epochs, world_size = tmp_path / "run", 32, 2, 2
+    result = run("record_batches", "trainer=ddp_cpu", f"data.data_dir={tiny_data}", f"data.batch_size={batch_size}",
+                 f"trainer.max_epochs={epochs}", "optimizer.lr=1e-5", f"hydra.run.dir={run_dir}", cwd=tmp_path, env=env)
 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Starting with 2 processes" in result.stdout + result.stderr
@@ -137,6 +169,16 @@ def test_ddp_cpu_trains_on_two_processes_and_reduces_metrics(tiny_data, tmp_path
     checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     per_process = math.ceil(len(x_train) / world_size)  # each process takes every other image
     assert checkpoint["global_step"] == epochs * math.ceil(per_process / batch_size)  # batch_size is per process
+
+    # Each epoch, the two processes trained on two halves of the training set, and the halves change.
+    index = {image.numpy().tobytes(): i for i, image in enumerate(x_train)}
+    assert len(index) == len(x_train) == 600
+    trained_on = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(world_size)]
+    halves = [[[index[image.numpy().tobytes()] for image in seen[epoch]] for seen in trained_on] for epoch in range(epochs)]
+    for first, second in halves:
+        assert len(first) == len(set(first)) == len(second) == len(set(second)) == 300
+        assert set(first).isdisjoint(second) and set(first) | set(second) == set(range(600))
+    assert set(halves[0][0]) != set(halves[1][0])  # reshuffled: not the same half every epoch
 
     model = MNISTClassifier.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", map_location="cpu")
     with torch.no_grad():
