@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 import struct
 from pathlib import Path
@@ -48,11 +49,39 @@ def write_dataset(folder: Path, n_train: int = 600, n_test: int = 200, gz: bool 
     return folder
 
 
+def logged(metrics_csv: Path, key: str) -> list[float]:
+    """Every value of `key` in a run's metrics.csv, in order, read with the csv module: Lightning's CSVLogger
+    writes a row per logging step, with the cells of the metrics not logged at that step left empty."""
+    import csv
+
+    with open(metrics_csv, newline="") as f:
+        return [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
+
+
 def entry_env(*drop: str, **extra: str) -> dict:
     """This process's environment for a `python -m src.X` subprocess: the repository importable, `extra`
     added, and without HYDRA_FULL_ERROR and PYTHONWARNINGS (which change what the tests read) or `drop`."""
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "PYTHONWARNINGS", *drop)}
     return {**env, **extra, "PYTHONPATH": str(ROOT)}
+
+
+REPORT_IMPORTS = """
+import atexit, runpy, sys
+atexit.register(lambda: print("imported:", sorted({{m.split(".")[0] for m in sys.modules}} & {watched!r})))
+sys.argv = ["{module}", *{args!r}]
+runpy.run_module("{module}", run_name="__main__", alter_sys=True)
+"""
+
+
+def run_reporting_imports(module: str, *args: str, cwd: Path, watched=("lightning", "torchvision")):
+    """`python -m MODULE ARGS` in a process that prints, as it exits, a line `imported: [...]`: which of the
+    `watched` packages it imported (each takes seconds; an entry point that does not need one must not)."""
+    import subprocess
+    import sys
+
+    code = REPORT_IMPORTS.format(module=module, args=list(args), watched=set(watched))
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=entry_env(), capture_output=True, text=True,
+                          timeout=300)
 
 
 def free_port() -> int:
@@ -71,6 +100,14 @@ def needs(present: bool, reason: str) -> None:
         if os.environ.get("CI"):
             pytest.fail(f"{reason} (.ci/run should have provided it)")
         pytest.skip(reason)
+
+
+def needs_extra(extra: str, *modules: str) -> None:
+    """Skip a test whose optional packages are not installed (under CI, fail: `pip install -e ".[dev]"`
+    installs every extra). Called, and the packages imported, in the tests that use them: a missing extra
+    skips only those, not the whole file."""
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    needs(not missing, f"{', '.join(missing)} not installed: pip install -e \".[{extra}]\"")
 
 
 def needs_fashion() -> None:

@@ -22,13 +22,12 @@ from src.export import export
 from src.idx import load_split, prepare_files
 from src.inference import load_model
 from src.train import train
-from tests.conftest import ROOT, compose_config, compose_train, entry_env, real_digits, write_dataset, write_idx
+from tests.conftest import (ROOT, compose_config, compose_train, entry_env, needs_extra, real_digits, run_reporting_imports,
+                            write_dataset, write_idx)
 from tests.test_extras import run_without
 
-onnx = pytest.importorskip("onnx")
-onnxruntime = pytest.importorskip("onnxruntime")
-
 HIDDEN = 16
+EXPORT_EXTRA = ("onnx", "onnxruntime", "onnxscript")  # format=onnx needs all three; format=torchscript none
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +65,10 @@ def files_in(folder: Path) -> list[str]:
 
 
 def test_onnx_model_beside_the_newest_checkpoint_agrees_with_pytorch(workdir, trained, capsys):
+    needs_extra("export", *EXPORT_EXTRA)
+    import onnx
+    import onnxruntime
+
     path = run_export()
     folder = Path("outputs/2026-01-01/12-00-00/checkpoints")
     assert path == folder / "model.onnx" and files_in(folder) == ["last.ckpt", "model.onnx"]  # no temporary left
@@ -124,6 +127,9 @@ def test_torchscript_model_agrees_with_pytorch(workdir, trained, capsys):
 
 
 def test_without_the_data_parity_is_checked_on_random_images(workdir, trained, capsys):
+    needs_extra("export", *EXPORT_EXTRA)
+    import onnx
+
     checkpoint = torch.load(trained, weights_only=True)
     data_dir = checkpoint["datamodule_hyper_parameters"]["data_dir"]
     checkpoint["datamodule_hyper_parameters"]["data_dir"] = str(workdir / "gone")  # trained on another machine
@@ -152,6 +158,8 @@ def test_without_the_data_parity_is_checked_on_random_images(workdir, trained, c
 def test_a_failed_parity_check_writes_nothing_and_keeps_the_old_file(workdir, monkeypatch, fmt, runner):
     import src.export
 
+    if fmt == "onnx":
+        needs_extra("export", *EXPORT_EXTRA)
     target = workdir / "model.file"
     target.write_bytes(b"an earlier export")
     run = getattr(src.export, runner)
@@ -186,6 +194,8 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("overrides, message", BAD_INPUTS, ids=[" ".join(o) for o, _ in BAD_INPUTS])
 def test_bad_input_is_one_clear_error_and_writes_nothing(workdir, overrides, message):
+    if not any(o.startswith("format=") for o in overrides):  # format=onnx, the default, checks its extra first
+        needs_extra("export", *EXPORT_EXTRA)
     write_files(workdir)
     before = sorted(str(p) for p in workdir.rglob("*"))
     with pytest.raises(UserError) as error:
@@ -204,6 +214,7 @@ def refuses_files(folder: Path) -> bool:
 
 
 def test_a_read_only_folder_is_one_clear_error(workdir):
+    needs_extra("export", *EXPORT_EXTRA)
     folder = workdir / "read_only"
     folder.mkdir()
     folder.chmod(0o555)
@@ -228,9 +239,11 @@ def command(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_command_line_run_and_bad_input_exit_codes(workdir):
     """Real processes: a model and the parity line with status 0; bad input: one line, status 1, no traceback."""
-    ok = command(cwd=workdir)
+    needs_extra("export", *EXPORT_EXTRA)
+    ok = run_reporting_imports("src.export", cwd=workdir)
     assert ok.returncode == 0, ok.stderr
     assert "same class for 1000/1000" in ok.stdout and ok.stderr == ""
+    assert ok.stdout.splitlines()[-1] == "imported: ['torchvision']"  # to read the test split; Lightning never
     assert (workdir / "outputs" / "2026-01-01" / "12-00-00" / "checkpoints" / "model.onnx").is_file()
     assert files_in(workdir) == ["outputs"] and files_in(workdir / "outputs") == ["2026-01-01"]  # Hydra writes nothing
     write_files(workdir)
@@ -244,6 +257,7 @@ def test_command_line_run_and_bad_input_exit_codes(workdir):
 @pytest.mark.slow
 @pytest.mark.parametrize("hidden", [["onnxscript"], ["onnxruntime"]])
 def test_onnx_without_the_export_extra_names_the_extra(workdir, hidden):
+    needs_extra("export", *EXPORT_EXTRA[:EXPORT_EXTRA.index(hidden[0])])  # those checked before the hidden one
     result = run_without(hidden, "src.export", cwd=workdir)
     assert result.returncode == 1
     assert result.stderr == (f"error: format=onnx needs the 'export' extra, which is not installed (no module named "
@@ -270,6 +284,9 @@ def readme_snippet() -> str:
 def test_readme_snippet_classifies_real_digits_without_torch(tmp_path):
     """Exactly as written in the README, in a process where torch cannot be imported, on PNGs of real digits."""
     images, labels = real_digits()  # skips without ../shared
+    needs_extra("export", *EXPORT_EXTRA)
+    import onnxruntime
+
     snippet = readme_snippet()
     assert len(snippet.strip().splitlines()) == 6 and "torch" not in snippet.replace("onnxruntime", "")
 

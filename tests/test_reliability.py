@@ -7,12 +7,14 @@ import fractions
 import hashlib
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -21,9 +23,10 @@ from src.errors import UserError, one_line
 from src.idx import IDX_FILES, DataError, load_split, prepare_files, raw_folder
 from src.model import DivergedError, MNISTClassifier
 from src.train import train
-from tests.conftest import ROOT, compose_train, needs_fashion, write_idx
+from tests.conftest import ROOT, compose_train, entry_env, needs_fashion, write_dataset, write_idx
 
 EPOCHS, BATCH = 3, 64  # tiny data: 600 images -> 10 steps per epoch
+LINE = re.compile(r"^test_loss: \S+ test_acc: \S+$", re.M)
 
 
 def tiny_run(tiny_data, *extra: str):
@@ -57,7 +60,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_data, tmp_
         interrupt_at_step(patch, step)
         with pytest.raises(SystemExit) as stopped:
             train(tiny_run(tiny_data), tmp_path / "broken")
-    assert stopped.value.code != 0
+    assert stopped.value.code == 1
     err = capsys.readouterr().err
     checkpoint = tmp_path / "broken" / "checkpoints" / "last.ckpt"
     assert f"saved {checkpoint}" in err and f"ckpt_path={checkpoint}" in err
@@ -76,37 +79,67 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(tiny_data, tmp_path, monke
     interrupt_at_step(monkeypatch, 5, times=2)  # in the middle of the first epoch: no checkpoint yet
     with pytest.raises(SystemExit) as stopped:
         train(tiny_run(tiny_data), tmp_path / "run")
-    assert stopped.value.code != 0
+    assert stopped.value.code == 1
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
     assert "Resume with" not in capsys.readouterr().err
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_signal_to_a_real_run_saves_a_checkpoint_that_resumes(tiny_data, tmp_path, signum):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("HYDRA_FULL_ERROR", None)
-    args = [sys.executable, "-m", "src.train", f"data.data_dir={tiny_data}", "data.batch_size=4", "model.hidden=32",
-            "trainer.max_epochs=1000", "trainer.accelerator=cpu", f"hydra.run.dir={tmp_path / 'run'}"]
-    process = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    deadline = time.time() + 120
-    while not metrics.exists() and time.time() < deadline:  # after the first epoch's checkpoint
-        time.sleep(0.2)
-    time.sleep(0.5)
-    process.send_signal(signum)
-    out, err = process.communicate(timeout=60)
-    assert process.returncode != 0
-    assert "Traceback" not in err, err[-3000:]
-    assert "Resume with: python -m src.train" in err and f"ckpt_path={metrics}" in err
-    state = torch.load(metrics, weights_only=True)
-    assert state["global_step"] > 0 and state["epoch"] < 1000
+SIGNALLED = ("data.batch_size=1", "model.hidden=32", "trainer.max_epochs=1", "trainer.accelerator=cpu")
+STEPS = 1200  # one epoch: 1200 images in batches of 1, a few seconds
 
-    resume = subprocess.run(args[:-2] + [f"trainer.max_epochs={state['epoch'] + 2}", f"ckpt_path={metrics}",
-                                         f"hydra.run.dir={tmp_path / 'resumed'}"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+def train_command(data: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "src.train", f"data.data_dir={data}", *SIGNALLED, *extra, f"hydra.run.dir={run_dir}"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, dict, str]:
+    """The data, and the final weights and test line of a real run with the signal tests' settings, left alone."""
+    root = tmp_path_factory.mktemp("signals")
+    data = write_dataset(root / "data", n_train=STEPS)
+    done = subprocess.run(train_command(data, root / "run"), cwd=root, env=entry_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return data, final_weights(root / "run"), LINE.search(done.stdout)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_to_a_real_run_saves_the_step_it_reached_and_resumes_to_the_uninterrupted_weights(
+        uninterrupted, tmp_path, signum):
+    data, straight, straight_line = uninterrupted
+    run, out = tmp_path / "run", tmp_path / "out.txt"
+    with open(out, "w") as stdout, open(tmp_path / "err.txt", "w") as stderr:
+        process = subprocess.Popen(train_command(data, run), cwd=tmp_path, env=entry_env(), stdout=stdout, stderr=stderr)
+    try:
+        # The progress bar (on stdout, every 20 steps) shows the epoch under way: the signal comes near its
+        # start, over a thousand steps before its end, so the run stops in the middle of the epoch.
+        deadline = time.time() + 120
+        while not re.search(rf"Epoch 0: .*\b([2-9]\d|\d{{3,}})/{STEPS}\b", out.read_text()):
+            assert process.poll() is None and time.time() < deadline, "the run did not start training"
+            time.sleep(0.05)
+        process.send_signal(signum)
+        assert process.wait(timeout=120) == 1
+    finally:
+        if process.poll() is None:
+            process.kill()
+    err = (tmp_path / "err.txt").read_text()
+    assert "Traceback" not in err, err[-3000:]
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    assert "Resume with: python -m src.train" in err and f"ckpt_path={checkpoint}" in err
+    steps = int(re.search(rf"Interrupted in epoch 1 after (\d+) steps; saved {re.escape(str(checkpoint))}$", err, re.M)[1])
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["global_step"] == steps and saved["epoch"] == 0 and 20 <= steps < STEPS  # mid-epoch, where it stood
+
+    resume = subprocess.run(train_command(data, tmp_path / "resumed", f"ckpt_path={checkpoint}"), cwd=tmp_path,
+                            env=entry_env(), capture_output=True, text=True, timeout=300)
     assert resume.returncode == 0, resume.stderr[-3000:]
-    assert "test_acc:" in resume.stdout
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == STEPS
+    resumed = final_weights(tmp_path / "resumed")
+    assert resumed.keys() == straight.keys()
+    for name, weight in straight.items():
+        assert torch.equal(resumed[name], weight), name
+    assert LINE.search(resume.stdout)[0] == straight_line
 
 
 SAVER = r"""
@@ -136,12 +169,44 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint_whole(tmp_path):
     assert torch.load(path, weights_only=True)["tag"] == "old"
 
 
-def test_diverging_run_stops_and_writes_no_non_finite_checkpoint(tiny_data, tmp_path):
-    with pytest.raises(DivergedError, match=r"diverged in epoch 1: train/loss reached .*optimizer.lr=1000000.0"):
-        train(tiny_run(tiny_data, "optimizer.lr=1e6"), tmp_path / "run")
-    for checkpoint in (tmp_path / "run" / "checkpoints").glob("*.ckpt"):
-        state = torch.load(checkpoint, weights_only=True)["state_dict"]
-        assert all(torch.isfinite(v).all() for v in state.values()), checkpoint
+class BlowUpAfterOneEpoch(L.Callback):
+    """A learning rate that wrecks training, set after one good epoch: from the second epoch's first step
+    (Keras's RMSprop keeps the weights finite and the loss explodes), or `infinite` for its last step only
+    (the weights become NaN and infinite, while the epoch's loss, computed before that step, stays finite)."""
+
+    def __init__(self, infinite: bool):
+        self.infinite = infinite
+        self.after_first_epoch: dict | None = None
+
+    @staticmethod
+    def set_lr(trainer, lr: float) -> None:
+        for group in trainer.optimizers[0].param_groups:
+            group["lr"] = lr
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            self.after_first_epoch = {k: v.clone() for k, v in pl_module.state_dict().items()}
+            if not self.infinite:
+                self.set_lr(trainer, 1e6)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.infinite and trainer.current_epoch == 1 and batch_idx == trainer.num_training_batches - 1:
+            self.set_lr(trainer, float("inf"))
+
+
+@pytest.mark.parametrize("infinite, reason", [(False, r"train/loss reached \S+"), (True, "the weights are no longer finite")],
+                         ids=["loss", "weights"])
+def test_a_run_diverging_in_epoch_2_stops_and_keeps_epoch_1s_checkpoint(tiny_data, tmp_path, infinite, reason):
+    blow_up = BlowUpAfterOneEpoch(infinite)
+    with pytest.raises(DivergedError, match=rf"^training diverged in epoch 2: {reason} \(optimizer.lr=0.001 is likely"):
+        train(tiny_run(tiny_data), tmp_path / "run", callbacks=(blow_up,))
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["last.ckpt"]
+    saved = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    assert (saved["epoch"], saved["global_step"]) == (0, 10)  # the first epoch's 10 steps, and no more
+    assert saved["state_dict"].keys() == blow_up.after_first_epoch.keys()
+    for name, weight in blow_up.after_first_epoch.items():
+        assert torch.isfinite(weight).all() and torch.equal(saved["state_dict"][name], weight), name
 
 
 def _prepare_and_load(args):

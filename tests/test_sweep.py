@@ -9,14 +9,14 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from src.sweep import last_metrics
-from tests.conftest import compose_config, compose_train, entry_env
+from tests.conftest import compose_config, compose_train, entry_env, logged
 
 
 def run(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -35,7 +35,7 @@ def completed_jobs(sweep_dir: Path, swept: list[str]) -> list[dict]:
     assert sorted(row["overrides"].split()[-1] for row in rows) == sorted(swept)
     for row in rows:
         assert row["status"] == "completed"
-        assert float(row["test/acc"]) == pytest.approx(last_metrics(sweep_dir / row["job"] / "metrics.csv")["test/acc"])
+        assert [float(row["test/acc"])] == logged(sweep_dir / row["job"] / "metrics.csv", "test/acc")
     return rows
 
 
@@ -63,10 +63,9 @@ def test_grid_sweep_summarises_every_job_and_reports_the_failed_one(tiny_data, t
     completed = [row for row in rows if row["status"] == "completed"]
     for row in completed:  # each row holds its own job's numbers
         job_dir = sweep_dir / row["job"]
-        metrics = last_metrics(job_dir / "metrics.csv")
-        assert float(row["val/acc"]) == pytest.approx(metrics["val/acc"])
-        assert float(row["test/acc"]) == pytest.approx(metrics["test/acc"])
-        assert int(row["epochs"]) == metrics["epochs"] == 1
+        assert [float(row["val/acc"])] == logged(job_dir / "metrics.csv", "val/acc")  # one epoch: one of each
+        assert [float(row["test/acc"])] == logged(job_dir / "metrics.csv", "test/acc")
+        assert int(row["epochs"]) == len(logged(job_dir / "metrics.csv", "train/loss")) == 1
         assert Path(row["checkpoint"]) == job_dir / "checkpoints" / "last.ckpt" and Path(row["checkpoint"]).is_file()
         assert row["tested"] == "best"  # a validation split: the best epoch was tested
         assert float(row["wall_s"]) > 0
@@ -118,16 +117,47 @@ def test_submitit_local_sweep(tiny_data, tmp_path):
     assert "note: ranked on the test set" in result.stdout  # no validation split: the summary says so
 
 
+# `python -m src.train`, with each process saving the images of every batch it trained on, per epoch, into
+# $BATCHES_DIR/rank<R>.pt, R being torch.distributed's rank. Run as a module (python -m record_batches), so that
+# Lightning starts the second DDP process with the same command.
+RECORD_BATCHES = """
+import os, runpy, torch
+import torch.distributed as dist
+from src.model import MNISTClassifier
+
+seen = {}
+training_step = MNISTClassifier.training_step
+
+
+def recording_step(self, batch, batch_idx):
+    seen.setdefault(self.current_epoch, []).append(batch[0].clone())
+    return training_step(self, batch, batch_idx)
+
+
+def save(self):
+    images = {epoch: torch.cat(batches) for epoch, batches in seen.items()}
+    torch.save(images, os.path.join(os.environ["BATCHES_DIR"], f"rank{dist.get_rank()}.pt"))
+
+
+MNISTClassifier.training_step, MNISTClassifier.on_train_end = recording_step, save
+if __name__ == "__main__":  # src/train.py as `python -m src.train` runs it; sys.modules["__main__"] stays this module
+    runpy.run_module("src.train", run_name="__main__")
+"""
+
+
 @pytest.mark.slow
-def test_ddp_cpu_trains_on_two_processes_and_reduces_metrics(tiny_data, tmp_path):
+def test_ddp_cpu_trains_on_two_processes_on_halves_of_each_epoch_and_reduces_metrics(tiny_data, tmp_path):
     import torch
 
     from src.idx import load_split, prepare_files
     from src.model import MNISTClassifier
 
-    run_dir, batch_size, epochs, world_size = tmp_path / "run", 32, 1, 2
-    result = run("src.train", "trainer=ddp_cpu", f"data.data_dir={tiny_data}", f"data.batch_size={batch_size}",
-                 f"trainer.max_epochs={epochs}", "optimizer.lr=1e-5", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    (tmp_path / "record_batches.py").write_text(RECORD_BATCHES)
+    env = entry_env(BATCHES_DIR=str(tmp_path))
+    env["PYTHONPATH"] += f"{os.pathsep}{tmp_path}"
+    run_dir, batch_size, epochs, world_size = tmp_path / "run", 32, 2, 2
+    result = run("record_batches", "trainer=ddp_cpu", f"data.data_dir={tiny_data}", f"data.batch_size={batch_size}",
+                 f"trainer.max_epochs={epochs}", "optimizer.lr=1e-5", f"hydra.run.dir={run_dir}", cwd=tmp_path, env=env)
 
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Starting with 2 processes" in result.stdout + result.stderr
@@ -142,6 +172,16 @@ def test_ddp_cpu_trains_on_two_processes_and_reduces_metrics(tiny_data, tmp_path
     per_process = math.ceil(len(x_train) / world_size)  # each process takes every other image
     assert checkpoint["global_step"] == epochs * math.ceil(per_process / batch_size)  # batch_size is per process
 
+    # Each epoch, the two processes trained on two halves of the training set, and the halves change.
+    index = {image.numpy().tobytes(): i for i, image in enumerate(x_train)}
+    assert len(index) == len(x_train) == 600
+    trained_on = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(world_size)]
+    halves = [[[index[image.numpy().tobytes()] for image in seen[epoch]] for seen in trained_on] for epoch in range(epochs)]
+    for first, second in halves:
+        assert len(first) == len(set(first)) == len(second) == len(set(second)) == 300
+        assert set(first).isdisjoint(second) and set(first) | set(second) == set(range(600))
+    assert set(halves[0][0]) != set(halves[1][0])  # reshuffled: not the same half every epoch
+
     model = MNISTClassifier.load_from_checkpoint(run_dir / "checkpoints" / "last.ckpt", map_location="cpu")
     with torch.no_grad():
         accuracy = (model(x_test).argmax(1) == y_test.argmax(1)).float().mean().item()
@@ -150,22 +190,33 @@ def test_ddp_cpu_trains_on_two_processes_and_reduces_metrics(tiny_data, tmp_path
 
 
 @pytest.mark.slow
-def test_optuna_search_prunes_and_resumes(tiny_data, tmp_path):
+def test_optuna_search_prunes_fails_and_resumes(tiny_data, tmp_path):
     import optuna
+    from optuna.trial import TrialState
 
     study_dir, epochs = tmp_path / "study", 3
+    # The lr range reaches 10, where training diverges; the study's first trial is put there (enqueued, as a
+    # user would try a known point), so that a failed trial does not depend on where TPE happens to look.
     args = [f"data.data_dir={tiny_data}", "data.val_size=100", f"trainer.max_epochs={epochs}",
             "hparams_search.pruner.n_startup_trials=1", "hparams_search.pruner.n_warmup_steps=0",
-            "hparams_search.params.optimizer.lr.low=1e-7", f"hydra.run.dir={study_dir}"]
+            "hparams_search.params.optimizer.lr.low=1e-7", "hparams_search.params.optimizer.lr.high=10",
+            f"hydra.run.dir={study_dir}"]
+    study_dir.mkdir()
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(study_dir / "journal.log")))
+    optuna.create_study(study_name="mnist-mlp", storage=storage, direction="maximize").enqueue_trial(
+        {"optimizer.lr": 10.0, "model.hidden": 512, "data.batch_size": 64})
     first = run("src.tune", *args, "hparams_search.n_trials=4", cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(study_dir / "journal.log")))
     study = optuna.load_study(study_name="mnist-mlp", storage=storage)
     states = [t.state for t in study.trials]
-    assert len(states) == 4 and optuna.trial.TrialState.PRUNED in states
+    assert len(states) == 4 and TrialState.PRUNED in states
+    assert states[0] == TrialState.FAIL and study.trials[0].params["optimizer.lr"] == 10.0
+    assert "trial 0 failed: training diverged in epoch 1" in first.stdout + first.stderr
+    assert not list((study_dir / "trial_0").rglob("*.ckpt"))
+    assert TrialState.COMPLETE in states[1:]  # the search went on after the failure
     for trial in study.trials:
-        if trial.state == optuna.trial.TrialState.PRUNED:  # stopped before its last epoch
-            assert last_metrics(study_dir / f"trial_{trial.number}" / "metrics.csv")["epochs"] < epochs
+        if trial.state == TrialState.PRUNED:  # stopped before its last epoch
+            assert len(logged(study_dir / f"trial_{trial.number}" / "metrics.csv", "train/loss")) < epochs
 
     again = run("src.tune", *args, "hparams_search.n_trials=6", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -17,22 +17,33 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("mlflow")
-pytest.importorskip("tensorboard")
-
-from mlflow import MlflowClient  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
-from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: E402
-
-from src.config import validated  # noqa: E402
-from src.errors import UserError  # noqa: E402
-from src.tracking import RUN_ID_KEY, config_params  # noqa: E402
-from src.train import train  # noqa: E402
-from tests.conftest import compose_train, entry_env, free_port, write_dataset  # noqa: E402
-from tests.test_extras import run_without  # noqa: E402
-from tests.test_reliability import interrupt_at_step  # noqa: E402
+from src.errors import UserError
+from src.tracking import RUN_ID_KEY
+from src.train import train
+from tests.conftest import compose_train, entry_env, free_port, needs_extra, write_dataset
+from tests.test_extras import run_without
+from tests.test_reliability import interrupt_at_step
 
 SETTINGS = ("trainer.max_epochs=2", "data.batch_size=64", "model.hidden=32", "trainer.accelerator=cpu", "seed=3")
+
+
+def expected_params(data: Path, store: Path) -> dict:
+    """The tracked run's whole config under the command line's keys, as tracked_run(data, store,
+    "data.val_size=100") composes it: its settings, and the defaults of conf/ for the rest."""
+    return {
+        "data.name": "mnist", "data.data_dir": str(data), "data.batch_size": 64, "data.val_size": 100,
+        "model.hidden": 32,
+        "optimizer.name": "rmsprop", "optimizer.lr": 0.001, "optimizer.rho": 0.9, "optimizer.eps": 1e-07,
+        "optimizer.momentum": 0.0, "optimizer.beta1": 0.9, "optimizer.beta2": 0.999,
+        "trainer.accelerator": "cpu", "trainer.devices": 1, "trainer.strategy": "auto", "trainer.num_nodes": 1,
+        "trainer.max_epochs": 2, "trainer.precision": None, "trainer.limit_train_batches": None,
+        "trainer.limit_val_batches": None, "trainer.limit_test_batches": None, "trainer.fast_dev_run": False,
+        "trainer.deterministic": None, "trainer.enable_progress_bar": True,
+        "logger.tensorboard": True, "logger.mlflow": True, "logger.tracking_uri": f"sqlite:///{store}",
+        "logger.experiment_name": None,
+        "early_stopping.enabled": False, "early_stopping.patience": 3, "early_stopping.min_delta": 0.0,
+        "seed": 3, "ckpt_path": None, "optimized_metric": None, "test_ckpt": None,
+    }
 
 
 def tracked_run(data: Path, store: Path, *extra: str):
@@ -51,24 +62,28 @@ def csv_series(metrics_csv: Path) -> dict[str, list[tuple[int, float]]]:
     return series
 
 
-def mlflow_series(client: MlflowClient, run_id: str, keys) -> dict[str, list[tuple[int, float]]]:
+def mlflow_series(client, run_id: str, keys) -> dict[str, list[tuple[int, float]]]:
     return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) for key in keys}
 
 
 @pytest.fixture(scope="module")
 def tracked(tmp_path_factory):
     """One 2-epoch run with a validation split, logged to TensorBoard and MLflow (its store in its own folder)."""
+    needs_extra("track", "mlflow", "tensorboard")
     folder = tmp_path_factory.mktemp("tracked")
     data = write_dataset(folder / "data")
     cfg = tracked_run(data, folder / "mlruns.db", "data.val_size=100")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)  # the SQLite store keeps artifacts in ./mlruns, beside it
         train(cfg, folder / "run")
-    return folder, validated(cfg)
+    return folder, expected_params(data, folder / "mlruns.db")
 
 
 def test_tensorboard_holds_the_metrics_the_config_and_the_figures(tracked):
-    folder, config = tracked
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    folder, params = tracked
     run = folder / "run"
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
     expected = csv_series(run / "metrics.csv")
@@ -84,20 +99,22 @@ def test_tensorboard_holds_the_metrics_the_config_and_the_figures(tracked):
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
     logged = {key: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
               for key, value in start.hparams.items()}
-    params = {k: v for k, v in config_params(config).items() if v is not None}  # TensorBoard has no null
-    assert logged == {k: (float(v) if isinstance(v, (bool, int, float)) else str(v)) for k, v in params.items()}
+    # TensorBoard has no null, and holds numbers and booleans as floats.
+    assert logged == {k: (float(v) if isinstance(v, (bool, int, float)) else v) for k, v in params.items() if v is not None}
     experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     assert {m.name.tag for m in experiment.metric_infos} == set(expected)
 
 
 def test_mlflow_holds_the_metrics_the_config_and_the_files(tracked):
-    folder, config = tracked
+    from mlflow import MlflowClient
+
+    folder, params = tracked
     run_dir = folder / "run"
     client = MlflowClient(f"sqlite:///{folder / 'mlruns.db'}")
     experiment = client.get_experiment_by_name("train")
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.status == "FINISHED"
-    assert run.data.params == {key: str(value) for key, value in config_params(config).items()}
+    assert run.data.params == {key: str(value) for key, value in params.items()}  # MLflow holds strings: 'None', '1e-07'
 
     expected = csv_series(run_dir / "metrics.csv")
     assert mlflow_series(client, run.info.run_id, expected) == expected
@@ -112,7 +129,9 @@ def test_mlflow_holds_the_metrics_the_config_and_the_files(tracked):
 
 
 def test_a_resumed_run_continues_its_mlflow_run(tmp_path, monkeypatch, capsys):
+    needs_extra("track", "mlflow", "tensorboard")
     import torch
+    from mlflow import MlflowClient
 
     data, store = write_dataset(tmp_path / "data"), tmp_path / "mlruns.db"
     monkeypatch.chdir(tmp_path)
@@ -155,6 +174,7 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path, monkeypatch, capsys):
 
 
 def test_a_store_mlflow_cannot_open_is_one_line_before_training(tmp_path, monkeypatch):
+    needs_extra("track", "mlflow")
     monkeypatch.chdir(tmp_path)
     cfg = compose_train(f"data.data_dir={write_dataset(tmp_path / 'data')}", *SETTINGS, "logger=mlflow",
                         "logger.tracking_uri=foo://host")
@@ -165,7 +185,11 @@ def test_a_store_mlflow_cannot_open_is_one_line_before_training(tmp_path, monkey
 
 @pytest.mark.slow
 def test_a_sweep_names_each_job_in_tensorboard_and_puts_them_in_one_mlflow_experiment(tmp_path):
-    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    needs_extra("track", "mlflow", "tensorboard")
+    needs_extra("sweep", "hydra_plugins.hydra_joblib_launcher")
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     data = write_dataset(tmp_path / "data")
     sweep_dir = tmp_path / "sweep"
     env = entry_env("MLFLOW_TRACKING_URI")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 import subprocess
@@ -16,7 +15,7 @@ from src.errors import UserError
 from src.data import MNISTDataModule
 from src.model import MNISTClassifier
 from src.train import train
-from tests.conftest import ROOT, compose_train, needs_fashion
+from tests.conftest import ROOT, compose_train, logged, needs_fashion
 
 LINE = re.compile(r"^test_loss: (\d+\.\d+) test_acc: (\d+\.\d+)$", re.M)
 LINE_WITH_EPOCH = re.compile(r"^test_loss: \d+\.\d+ test_acc: \d+\.\d+ (\(best epoch \d+ of \d+\))$", re.M)
@@ -98,18 +97,65 @@ def test_train_through_hydra_writes_the_run_folder(tiny_data, tmp_path, capsys):
     assert restored.hparams.optimizer == "rmsprop"
 
 
-def test_validation_split_is_logged_and_returned(tiny_data, tmp_path, capsys):
-    cfg = compose_train(f"data.data_dir={tiny_data}", "trainer.max_epochs=1", "trainer.accelerator=cpu",
-                        "data.val_size=100", "model.hidden=32")
-    metric = train(cfg, tmp_path / "run")
-    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
-        val_acc = [float(row["val/acc"]) for row in csv.DictReader(f) if row.get("val/acc")]
-    assert metric == pytest.approx(val_acc[-1])
-    [best] = (tmp_path / "run" / "checkpoints").glob("best-*.ckpt")
+class SetLearningRate(L.Callback):
+    """From the start of epoch `epoch` (0-based) on, train with learning rate `lr`."""
+
+    def __init__(self, epoch: int, lr: float):
+        self.epoch, self.lr = epoch, lr
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            for group in trainer.optimizers[0].param_groups:
+                group["lr"] = self.lr
+
+
+def test_validation_split_is_logged_and_the_best_epoch_is_kept(tiny_data, tmp_path):
+    # Two epochs of learning, then one of gradient ascent (a negative learning rate): val/acc rises,
+    # then falls (0.51, 0.71, 0.09 here), so the best epoch is neither the first nor the last.
+    cfg = compose_train(f"data.data_dir={tiny_data}", "trainer.max_epochs=3", "trainer.accelerator=cpu",
+                        "data.val_size=100", "model.hidden=32", "optimizer.lr=3e-4", "data.batch_size=64")
+    metric = train(cfg, tmp_path / "run", callbacks=(SetLearningRate(2, -3e-3),))
+    val_acc = logged(tmp_path / "run" / "metrics.csv", "val/acc")
+    best = val_acc.index(max(val_acc))
+    assert best == 1 and val_acc[0] < val_acc[1] > val_acc[2]
+    assert len(val_acc) == 3 and metric == pytest.approx(val_acc[best])  # the tested, best epoch's is returned
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [f"best-epoch01-val_acc{val_acc[1]:.4f}.ckpt", "last.ckpt"]
+    saved = torch.load(next(checkpoints.glob("best-*.ckpt")), weights_only=True)
+    assert (saved["epoch"], saved["global_step"]) == (1, 2 * 8)  # 500 training images in batches of 64
+    # It holds that epoch's weights: they score its val/acc on the validation split.
+    dm = MNISTDataModule(data_dir=str(tiny_data), batch_size=64, val_size=100, seed=42)
+    dm.setup("fit")
+    x, y = dm.val_xy
+    model = MNISTClassifier(hidden=32)
+    model.load_state_dict(saved["state_dict"])
+    with torch.no_grad():
+        assert (model(x).argmax(1) == y.argmax(1)).float().mean().item() == pytest.approx(val_acc[1], abs=1e-6)
     # last.ckpt holds the best checkpoint's record of the same epoch: it saved first.
-    states = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
+    states = torch.load(checkpoints / "last.ckpt", weights_only=True)["callbacks"]
     [record] = [state for key, state in states.items() if "'monitor': 'val/acc'" in key and "best_model_path" in state]
-    assert record["best_model_path"] == str(best)
+    assert record["best_model_path"] == str(next(checkpoints.glob("best-*.ckpt")))
+
+
+@pytest.mark.parametrize("name, optimizer, keras_defaults", [
+    ("adam", torch.optim.Adam, {"lr": 0.001, "betas": (0.9, 0.999), "eps": 1e-07}),
+    ("sgd", torch.optim.SGD, {"lr": 0.01, "momentum": 0.0}),
+])
+def test_adam_and_sgd_train_with_keras_defaults(tiny_data, tmp_path, name, optimizer, keras_defaults):
+    class RecordOptimizer(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            self.optimizer = trainer.optimizers[0]
+
+    record = RecordOptimizer()
+    train(compose_train(f"data.data_dir={tiny_data}", f"optimizer={name}", "trainer.max_epochs=3",
+                        "trainer.accelerator=cpu", "model.hidden=32", "data.batch_size=32"), tmp_path / "run",
+          callbacks=(record,))
+    assert type(record.optimizer) is optimizer
+    (group,) = record.optimizer.param_groups
+    assert {key: group[key] for key in keras_defaults} == keras_defaults
+    losses = logged(tmp_path / "run" / "metrics.csv", "train/loss")
+    assert len(losses) == 3 and losses[0] > losses[1] > losses[2], losses  # it learns
 
 
 def test_early_stopping_ends_a_run_whose_val_acc_stopped_rising_and_tests_its_best_epoch(tiny_data, tmp_path, capsys):
@@ -119,8 +165,7 @@ def test_early_stopping_ends_a_run_whose_val_acc_stopped_rising_and_tests_its_be
             "model.hidden=16", "optimizer.lr=0.02", "early_stopping.enabled=true", "early_stopping.patience=2"]
     train(compose_train(*args), tmp_path / "run")
     out = capsys.readouterr().out
-    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
-        val_acc = [float(row["val/acc"]) for row in csv.DictReader(f) if row.get("val/acc")]
+    val_acc = logged(tmp_path / "run" / "metrics.csv", "val/acc")
     first_perfect = val_acc.index(1.0) + 1  # an epoch number, from 1
     assert len(val_acc) == first_perfect + 2 < 10
     assert ("early stopping: val/acc did not rise by more than 0.0 for 2 epochs, so training stopped after "
@@ -175,11 +220,14 @@ def test_command_line_run(tiny_data, tmp_path):
     (["data.bogus=1"], r"data\.bogus.*valid keys are name, data_dir, batch_size, val_size"),
     (["optimizer=nope"], r"optimizer/nope.*adam, rmsprop, sgd"),
     (["ckpt_path=missing.ckpt"], r"ckpt_path='missing.ckpt' is not valid: no such file"),
+    (["data.data_dir=TINY", "model.hidden=32", "optimizer.lr=1e6"],
+     r"^error: training diverged in epoch 1: train/loss reached \S+ \(optimizer\.lr=1000000\.0 is likely too large\); "
+     r"no checkpoint of it was written$"),
 ])
-def test_bad_input_gets_one_line_and_no_traceback(tmp_path, args, expected):
-    args = [a.replace("EMPTY", str(tmp_path / "empty")) for a in args]
+def test_bad_input_gets_one_line_and_no_traceback(tmp_path, tiny_data, args, expected):
+    args = [a.replace("EMPTY", str(tmp_path / "empty")).replace("TINY", str(tiny_data)) for a in args]
     result = run_cli(*args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert result.returncode != 0
+    assert result.returncode == 1
     assert "Traceback" not in result.stderr + result.stdout
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and re.search(expected, errors[0]), result.stderr[-2000:]
