@@ -62,7 +62,7 @@ def real_digits(t10k: str | Path | None = None) -> tuple[np.ndarray, np.ndarray,
 
 
 def write_real_digits(folder: str | Path, t10k: str | Path | None = None) -> str:
-    """Write real digits, shuffled and split, as MNIST's four IDX files for data.data_dir=`folder`; say what was written."""
+    """Write real digits, shuffled and split, as MNIST's four IDX files for data.data_dir=`folder`; say which."""
     images, labels, source = real_digits(t10k)
     order = np.random.default_rng(SEED).permutation(len(images))
     n_test = round(len(images) * TEST_SHARE)

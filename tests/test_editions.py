@@ -47,7 +47,8 @@ def test_the_command_line_still_overrides_an_edition():
 
 
 def test_bad_label_encoding_is_refused():
-    with pytest.raises(UserError, match=re.escape("data.labels='onehot' is not valid: expected one of one_hot, integer")):
+    expected = "data.labels='onehot' is not valid: expected one of one_hot, integer"
+    with pytest.raises(UserError, match=re.escape(expected)):
         validated(compose_train("data.labels=onehot"))
 
 
@@ -88,7 +89,7 @@ def test_third_edition_trains_and_its_checkpoint_says_how(tiny_data, tmp_path, c
     checkpoint = torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)
     assert checkpoint["datamodule_hyper_parameters"]["labels"] == "integer"
     assert checkpoint["hyper_parameters"]["optimizer"] == "adam"
-    assert type(checkpoint["optimizer_states"][0]["state"][0]["exp_avg_sq"]) is torch.Tensor  # Adam's state
+    assert isinstance(checkpoint["optimizer_states"][0]["state"][0]["exp_avg_sq"], torch.Tensor)  # Adam's state
 
 
 @pytest.mark.slow
