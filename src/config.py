@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from src.errors import UserError
 
 DATASETS = ("mnist", "fashion_mnist")
+LABELS = ("one_hot", "integer")  # to_categorical's one-hot rows (the 1st edition), or the digits themselves (2nd, 3rd)
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 
@@ -30,9 +31,11 @@ class DataConfig:
     data_dir: str = "data"
     batch_size: int = 128
     val_size: int = 0
+    labels: str = "one_hot"
 
     def __post_init__(self) -> None:
         _check(self.name in DATASETS, "data.name", self.name, f"expected one of {', '.join(DATASETS)}")
+        _check(self.labels in LABELS, "data.labels", self.labels, f"expected one of {', '.join(LABELS)}")
         _check(self.batch_size > 0, "data.batch_size", self.batch_size, "expected a positive integer")
         _check(self.val_size >= 0, "data.val_size", self.val_size, "expected 0 (no validation split) or more")
 

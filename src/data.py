@@ -75,7 +75,7 @@ class TensorBatches:
 
 class MNISTDataModule(L.LightningDataModule):
     def __init__(self, name: str = "mnist", data_dir: str = "data", batch_size: int = 128, val_size: int = 0,
-                 seed: int = 42):
+                 seed: int = 42, labels: str = "one_hot"):
         super().__init__()
         # Plain values, stored in checkpoints: predict finds the dataset a model was trained on.
         self.save_hyperparameters()
@@ -91,6 +91,9 @@ class MNISTDataModule(L.LightningDataModule):
         raw = str(prepare_files(self.hparams.name, self.hparams.data_dir))
         x, y = load_split(self.hparams.name, raw, train=True)
         x_test, y_test = load_split(self.hparams.name, raw, train=False)
+        if self.hparams.labels == "integer":
+            # The 2nd and 3rd editions' labels: the digits themselves, for sparse_categorical_crossentropy.
+            y, y_test = y.argmax(dim=1), y_test.argmax(dim=1)
         val_size = self.hparams.val_size
         if val_size:
             train, val = validation_split(len(x), val_size, self.hparams.seed)

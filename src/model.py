@@ -55,9 +55,10 @@ class MNISTClassifier(L.LightningModule):
     def _step(self, stage: str, batch) -> torch.Tensor:
         x, y = batch
         logits = self(x)
-        # Keras's categorical_crossentropy on softmax outputs, computed from logits for stability.
+        # Keras's categorical_crossentropy on softmax outputs (one-hot rows y), or its
+        # sparse_categorical_crossentropy (integer labels y): F.cross_entropy takes either, from logits.
         loss = F.cross_entropy(logits, y)
-        labels = y.argmax(dim=1)
+        labels = y.argmax(dim=1) if y.ndim == 2 else y
         mean_loss, accuracy = self._metrics(stage)
         mean_loss.update(loss.detach(), weight=len(x))
         accuracy.update(logits.detach(), labels)

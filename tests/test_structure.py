@@ -13,7 +13,8 @@ from tests.conftest import CONF, ROOT
 LAYERS = [
     ("the error type", {"errors"}),
     ("config and the command-line layer", {"config", "cli", "extras", "run_context"}),
-    ("plain PyTorch", {"idx", "network", "checkpoint", "pictures", "inference", "atomic", "plots", "run_files"}),
+    ("plain PyTorch", {"idx", "network", "checkpoint", "pictures", "inference", "atomic", "plots", "run_files",
+                       "offline_digits"}),
     ("the Lightning layer", {"data", "model", "callbacks", "tracking", "sweep"}),
     ("entry points", {"train", "predict", "app", "export", "tune", "evaluate"}),
 ]
