@@ -396,11 +396,14 @@ def test_draw_in_the_browser(browser, server, tmp_path):
     page = browser.new_page(viewport={"width": 1100, "height": 900})
     requests = []
     page.on("request", lambda request: requests.append(request.url))
+    page.goto(server)
+    brush_selected(page)  # on a fresh page, nobody has clicked anything
     # The sketchpad takes strokes once its blank paper has loaded (a stroke drawn before that is lost under it);
     # it reports the load as its first change, which is the page's first call to the server.
-    with page.expect_request(lambda request: "/queue/join" in request.url, timeout=120_000):
-        page.goto(server)
-    brush_selected(page)  # on a fresh page, nobody has clicked anything
+    deadline = time.time() + 120
+    while not any("/queue/join" in url for url in requests):
+        assert time.time() < deadline, "the sketchpad never reported its blank paper loaded"
+        page.wait_for_timeout(100)
 
     draw(page, [(0.5, 0.3 + 0.4 * k / 20) for k in range(21)])  # a vertical line
     line = bars(page, "1")
