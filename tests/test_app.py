@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -15,20 +16,20 @@ from urllib.parse import urlparse
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageOps
 
-from src.app import CANVAS, MIN_DRAWING, SEEN, classify_picture, read_sketch, read_upload, serve, sketch_ink
+from src.app import CANVAS, MIN_DRAWING, SEEN, read_sketch, read_upload, serve, sketch_ink
 from src.errors import UserError
 from src.inference import LoadedModel
-from src.pictures import MAX_PIXELS, open_picture, prepare_picture
+from src.pictures import MAX_PIXELS, open_picture, prepare_picture, read_image
 from src.network import build_mlp
-from tests.conftest import ROOT, compose_config, compose_train, entry_env, free_port, needs, real_digits, write_idx
+from tests.conftest import REAL_TRAIN, ROOT, compose_config, entry_env, free_port, needs, real_digits
 
 CHROMIUM = Path("/usr/bin/chromium")
 # APP_SCREENSHOT=docs/app.png python -m pytest tests/test_app.py -k browser: also puts the browser test's
 # screenshot there (relative to the repository root), for the README; without it the test writes only under tmp_path.
 SCREENSHOT = os.environ.get("APP_SCREENSHOT")
-N_TRAIN = 8000  # of MNIST's 10,000 test digits; the page is tested on the others
+UPLOAD_LIMIT = 10 * 1024 * 1024  # bytes: Gradio reads the page's "10mb" in binary units (gradio/utils.py, FileSize)
 
 
 # The page's functions, with an untrained network: they must give ten probabilities or a message.
@@ -37,6 +38,18 @@ N_TRAIN = 8000  # of MNIST's 10,000 test digits; the page is tested on the other
 def any_model() -> LoadedModel:
     torch.manual_seed(0)
     return LoadedModel(build_mlp(784, 16, 10).eval(), {"hidden": 16}, {"name": "mnist"}, [str(k) for k in range(10)])
+
+
+def by_hand(weights: dict, images) -> torch.Tensor:
+    """The checkpoint's network written out here, apart from src: softmax(W2 relu(W1 x + b1) + b2)."""
+    x = torch.as_tensor(np.asarray(images, np.float32)).reshape(len(images), 784)
+    hidden = torch.relu(x @ weights["net.0.weight"].T + weights["net.0.bias"])
+    return torch.softmax(hidden @ weights["net.2.weight"].T + weights["net.2.bias"], dim=1)
+
+
+def weights_of(model: LoadedModel) -> dict:
+    """A loaded model's weights under the names its checkpoint gives them."""
+    return {f"net.{k}": v.detach() for k, v in model.net.state_dict().items()}
 
 
 def layer(draw=None) -> np.ndarray:
@@ -100,6 +113,9 @@ def test_a_stroke_gives_ten_probabilities_and_the_image_seen(any_model):
     # Exactly what the model saw: the 28x28 image, each pixel a SEEN x SEEN block.
     digit = prepare_picture(sketch_ink(editor(layer(vertical_line))))
     assert np.array_equal(seen[::SEEN, ::SEEN], (digit.numpy() * 255).round().astype(np.uint8))
+    # ... and the probabilities are the network's for that image.
+    expected = by_hand(weights_of(any_model), digit[None])[0]
+    assert list(probabilities.values()) == pytest.approx(expected.tolist(), abs=1e-6)
 
 
 def test_the_ink_is_read_from_every_layers_alpha(any_model):
@@ -117,7 +133,10 @@ def test_uploads_are_read_as_predict_reads_them(any_model, tmp_path):
     ImageDraw.Draw(picture).line([(100, 20), (100, 140)], fill="black", width=14)
     picture.save(tmp_path / "one.png")
     probabilities, seen = read_upload(any_model, {"path": str(tmp_path / "one.png"), "orig_name": "one.png"})
-    assert probabilities == pytest.approx(classify_picture(any_model, picture, "one")[0], abs=1e-6)
+    as_predict_reads_it = read_image(tmp_path / "one.png")  # what `python -m src.predict image=one.png` classifies
+    assert np.array_equal(seen[::SEEN, ::SEEN], (as_predict_reads_it.numpy() * 255).round().astype(np.uint8))
+    expected = by_hand(weights_of(any_model), as_predict_reads_it[None])[0]
+    assert list(probabilities.values()) == pytest.approx(expected.tolist(), abs=1e-6)
     (tmp_path / "notes.png").write_text("not an image\n")
     (tmp_path / "empty.png").write_bytes(b"")
     Image.new("RGB", (64, 64), (230, 230, 230)).save(tmp_path / "blank.png")
@@ -135,16 +154,27 @@ def app_env() -> dict:
     return entry_env(NO_PROXY="127.0.0.1,localhost")
 
 
+def save_checkpoint(net: torch.nn.Module, path: Path, hidden: int = 16) -> Path:
+    """A checkpoint as training writes one, holding `net`'s weights and saying the model is `hidden` wide."""
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+                "hyper_parameters": {"input_size": 784, "hidden": hidden, "num_classes": 10},
+                "datamodule_hyper_parameters": {"name": "fashion_mnist"}}, path)
+    return path
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["port=0"], "error: port=0 is not valid: expected a TCP port from 1 to 65535"),
     (["port=http"], "error: "),
     (["ckpt_path=nothing.ckpt"], "error: ckpt_path='nothing.ckpt' is not valid: no such file"),
     (["ckpt_path=notes.txt"], "error: ckpt_path='notes.txt' is not a checkpoint"),
+    (["ckpt_path=wider.ckpt"], "error: ckpt_path='wider.ckpt' holds a model of another architecture than this "
+                               "program's 784 -> hidden -> 10 network (Error(s) in loading state_dict"),
     ([], "error: no checkpoint found"),
     (["colour=red"], "error: "),
 ])
-def test_bad_configuration_is_one_line_before_the_server_starts(tmp_path, overrides, message):
+def test_bad_configuration_is_one_line_before_the_server_starts(tmp_path, any_model, overrides, message):
     (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    save_checkpoint(any_model.net, tmp_path / "wider.ckpt", hidden=32)  # says 32 wide, holds weights 16 wide
     result = subprocess.run([sys.executable, "-m", "src.app", *overrides], cwd=tmp_path, env=app_env(),
                             capture_output=True, text=True, timeout=120)
     lines = result.stderr.strip().splitlines()
@@ -183,9 +213,7 @@ runpy.run_module("src.app", run_name="__main__")
 @pytest.mark.slow
 def test_the_page_is_served_without_lightning_or_torchvision(tmp_path, any_model):
     """Importing either takes seconds; serving one small network needs neither."""
-    torch.save({"state_dict": {f"net.{k}": v for k, v in any_model.net.state_dict().items()},
-                "hyper_parameters": {"input_size": 784, "hidden": 16, "num_classes": 10},
-                "datamodule_hyper_parameters": {"name": "fashion_mnist"}}, tmp_path / "any.ckpt")
+    save_checkpoint(any_model.net, tmp_path / "any.ckpt")
     port = free_port()
     code = SERVE_AND_REPORT.format(ckpt=tmp_path / "any.ckpt", port=port, start=time.time())
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=app_env(), capture_output=True,
@@ -196,24 +224,42 @@ def test_the_page_is_served_without_lightning_or_torchvision(tmp_path, any_model
     assert "trained on fashion_mnist" in result.stdout
 
 
-# Real handwriting: a model trained on 8000 of MNIST's test digits reads the others through /classify.
+@pytest.mark.slow
+def test_the_command_serves_on_the_url_it_prints_and_refuses_a_port_in_use(tmp_path, any_model):
+    import urllib.request
 
-@pytest.fixture(scope="module")
-def real_checkpoint(tmp_path_factory) -> Path:
-    from src.train import train
+    save_checkpoint(any_model.net, tmp_path / "any.ckpt")
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "src.app", "ckpt_path=any.ckpt", f"port={port}"], cwd=tmp_path,
+                              env=app_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 180
+        while True:
+            try:
+                page = urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).read().decode()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, "the page was never served"
+                time.sleep(0.2)
+        assert '"title":"Draw a digit"' in page and "Serving `any.ckpt` (hidden=16, trained on fashion_mnist)" in page
+        # A second page on the same port: one line naming the port, exit status 1, and the first still serves.
+        second = subprocess.run([sys.executable, "-m", "src.app", "ckpt_path=any.ckpt", f"port={port}"], cwd=tmp_path,
+                                env=app_env(), capture_output=True, text=True, timeout=180)
+        lines = second.stderr.strip().splitlines()
+        assert second.returncode == 1 and len(lines) == 1, second.stderr
+        assert lines[0].startswith(f"error: port={port} cannot be used on host='127.0.0.1' (") and \
+            lines[0].endswith("choose another with port=N"), lines[0]
+        assert "serving on" not in second.stdout
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5).status == 200
+    finally:
+        server.send_signal(signal.SIGINT)  # Ctrl-C
+        out, err = server.communicate(timeout=60)
+    assert out.splitlines()[:2] == ["checkpoint: any.ckpt (ckpt_path; hidden=16, trained on fashion_mnist)",
+                                    f"serving on http://127.0.0.1:{port} (Ctrl-C stops)"], (out, err)
 
-    images, labels = real_digits()
-    root = tmp_path_factory.mktemp("real")
-    data = root / "data"
-    data.mkdir()
-    write_idx(data / "train-images-idx3-ubyte.gz", images[:N_TRAIN])
-    write_idx(data / "train-labels-idx1-ubyte.gz", labels[:N_TRAIN])
-    write_idx(data / "t10k-images-idx3-ubyte.gz", images[N_TRAIN:])
-    write_idx(data / "t10k-labels-idx1-ubyte.gz", labels[N_TRAIN:])
-    train(compose_train(f"data.data_dir={data}", "trainer.max_epochs=3", "trainer.accelerator=cpu", "model.hidden=64",
-                        "trainer.enable_progress_bar=false"), root / "outputs" / "run")
-    return root / "outputs" / "run" / "checkpoints" / "last.ckpt"
 
+# Real handwriting: a model trained on the tests' 4,000 real digits (tests/conftest.py) reads the held-out ones
+# through /classify.
 
 @pytest.fixture(scope="module")
 def server(real_checkpoint):
@@ -242,39 +288,69 @@ def client(server):
 
 
 @pytest.mark.slow
-def test_classify_reads_held_out_digits(client, tmp_path):
+def test_classify_reads_held_out_digits(client, real_checkpoint, tmp_path):
     from gradio_client import handle_file
 
     images, labels = real_digits()
-    right = 0
-    for k in range(N_TRAIN, N_TRAIN + 100):
+    weights = torch.load(real_checkpoint, weights_only=True)["state_dict"]
+    held_out = np.arange(REAL_TRAIN, REAL_TRAIN + 100)
+    plain = by_hand(weights, images[held_out] / 255).argmax(1)  # the network on the digits as MNIST has them
+    answers = []
+    for k in held_out:
         Image.fromarray(images[k]).save(tmp_path / f"{k}.png")  # saved as MNIST has it: light on dark, 28x28
         result = client.predict(handle_file(tmp_path / f"{k}.png"), api_name="/classify")
         confidences = {c["label"]: c["confidence"] for c in result["confidences"]}
         assert sorted(confidences) == [str(d) for d in range(10)] and abs(sum(confidences.values()) - 1) < 1e-5
         assert result["label"] == max(confidences, key=confidences.get)
-        right += result["label"] == str(labels[k])
-    assert right >= 90, f"{right} of 100 held-out digits read right"
+        answers.append(int(result["label"]))
+    right = int((np.array(answers) == labels[held_out]).sum())
+    same = int((np.array(answers) == plain.numpy()).sum())
+    # Measured with the training seeds 42 (the tests') and 0 to 4: right 93, 95, 94, 92, 89 and 93 times of 100,
+    # the plain forward pass's class 100, 99, 100, 99, 100 and 99 times. Each threshold: the worst less 2.
+    assert right >= 87, f"{right} of 100 held-out digits read right"
+    assert same >= 97, f"{same} of 100 the network's own class for the digit as MNIST has it"
 
 
 @pytest.mark.slow
-def test_classify_answers_bad_pictures_and_keeps_serving(client, tmp_path):
+def test_classify_answers_bad_pictures_and_keeps_serving(client, server, tmp_path):
+    import httpx
     from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
 
     images, labels = real_digits()
-    Image.fromarray(images[9999]).save(tmp_path / "good.png")
+    good, label = images[REAL_TRAIN], str(labels[REAL_TRAIN])  # a held-out digit that every model measured read right
+    Image.fromarray(good).save(tmp_path / "good.png")
+
+    def answers_a_good_picture() -> bool:
+        return client.predict(handle_file(tmp_path / "good.png"), api_name="/classify")["label"] == label
+
+    assert answers_a_good_picture()
     (tmp_path / "notes.png").write_text("not an image\n")
     (tmp_path / "empty.png").write_bytes(b"")
     Image.new("1", (10000, 10000), 1).save(tmp_path / "huge.png")
-    (tmp_path / "eleven.png").write_bytes(b"\x89PNG" + bytes(11_000_000))  # over the 10 MB upload limit
     for name, message in (("notes.png", "'notes.png' is not an image Pillow can read"),
                           ("empty.png", "'empty.png' is not valid: the file is empty"),
-                          ("huge.png", "'huge.png' is too large to classify: 10000x10000 pixels"),
-                          ("eleven.png", "")):
-        with pytest.raises(Exception) as error:
+                          ("huge.png", "'huge.png' is too large to classify: 10000x10000 pixels")):
+        with pytest.raises(AppError) as error:
             client.predict(handle_file(tmp_path / name), api_name="/classify")
-        assert message in str(error.value) and "Traceback" not in str(error.value), (name, error.value)
-        assert client.predict(handle_file(tmp_path / "good.png"), api_name="/classify")["label"] == str(labels[9999])
+        assert str(error.value).startswith(message) and "Traceback" not in str(error.value), (name, error.value)
+        assert answers_a_good_picture()
+
+    # A real picture over the 10 MB upload limit: noise, which PNG cannot compress (12 MB, 4 million pixels).
+    noise = np.random.default_rng(0).integers(0, 256, (2000, 2000, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "noise.png")
+    assert (tmp_path / "noise.png").stat().st_size > UPLOAD_LIMIT
+    assert Image.open(tmp_path / "noise.png").size == (2000, 2000)
+    # gradio_client reads the limit from the server and refuses before sending ...
+    with pytest.raises(ValueError, match=rf"noise.png exceeds the maximum file size of {UPLOAD_LIMIT} bytes"):
+        client.predict(handle_file(tmp_path / "noise.png"), api_name="/classify")
+    # ... and the server itself refuses it, sent over plain HTTP, before storing it.
+    with open(tmp_path / "noise.png", "rb") as picture:
+        refused = httpx.post(f"{server}gradio_api/upload", files={"files": ("noise.png", picture, "image/png")},
+                             timeout=120)
+    assert refused.status_code == 413, refused.text
+    assert refused.text == f"File size exceeded maximum allowed size of {UPLOAD_LIMIT} bytes."
+    assert answers_a_good_picture()
 
 
 # The page in a real browser: Debian's Chromium, driven by Playwright.
@@ -306,10 +382,15 @@ def draw(page, points) -> None:
     page.mouse.up()
 
 
-def bars(page, top: str, timeout: float = 30) -> list[float]:
+def bars(page, top: str, timeout: float = 120) -> list[float]:
     """The ten bars' values, read from the page's <meter> elements once the top class reads `top`."""
     page.locator("#probabilities [data-testid='label-output-value']", has_text=top).wait_for(timeout=timeout * 1000)
     return [float(meter.get_attribute("value")) for meter in page.locator("#probabilities meter").all()]
+
+
+def brush_selected(page, timeout: float = 120) -> None:
+    """Wait until the sketchpad shows its brush as the tool in use (highlighted), without anyone picking it."""
+    page.locator("#sketchpad button[aria-label='Brush'].highlight").wait_for(timeout=timeout * 1000)
 
 
 @pytest.mark.slow
@@ -318,8 +399,13 @@ def test_draw_in_the_browser(browser, server, tmp_path):
     requests = []
     page.on("request", lambda request: requests.append(request.url))
     page.goto(server)
-    brush = page.locator("#sketchpad button[aria-label='Brush']")
-    brush.click()  # the sketchpad asks for its brush first ("select the draw tool to start")
+    brush_selected(page)  # on a fresh page, nobody has clicked anything
+    # The sketchpad takes strokes once its blank paper has loaded (a stroke drawn before that is lost under it);
+    # it reports the load as its first change, which is the page's first call to the server.
+    deadline = time.time() + 120
+    while not any("/queue/join" in url for url in requests):
+        assert time.time() < deadline, "the sketchpad never reported its blank paper loaded"
+        page.wait_for_timeout(100)
 
     draw(page, [(0.5, 0.3 + 0.4 * k / 20) for k in range(21)])  # a vertical line
     line = bars(page, "1")
@@ -327,8 +413,8 @@ def test_draw_in_the_browser(browser, server, tmp_path):
     assert page.locator("#seen img").count() == 1  # and the 28x28 image the model saw
 
     page.locator("#sketchpad button[aria-label='Clear canvas']").click()
-    page.locator("#probabilities meter").first.wait_for(state="detached", timeout=30000)  # an empty canvas: no bars
-    brush.click()  # and again after "Clear canvas"
+    page.locator("#probabilities meter").first.wait_for(state="detached", timeout=60_000)  # an empty canvas: no bars
+    brush_selected(page)  # and again after "Clear canvas", without picking it
     draw(page, [(0.5 + 0.15 * math.sin(2 * math.pi * k / 36), 0.5 - 0.2 * math.cos(2 * math.pi * k / 36))
                 for k in range(38)])  # a closed loop
     loop = bars(page, "0")
@@ -342,6 +428,16 @@ def test_draw_in_the_browser(browser, server, tmp_path):
     assert (drawn < 40).mean() > 0.005, "no ink on the sketchpad in the screenshot"
     if SCREENSHOT:
         shutil.copyfile(tmp_path / "app.png", ROOT / SCREENSHOT)
+
+    # The Upload tab: a picture of a held-out real digit, dark ink on white paper as a user's photo would be.
+    images, labels = real_digits()
+    digit, label = images[REAL_TRAIN], str(labels[REAL_TRAIN])  # every model measured read it right, at 0.99 or more
+    ImageOps.invert(Image.fromarray(digit)).resize((200, 200), Image.Resampling.BICUBIC).save(tmp_path / "digit.png")
+    page.get_by_role("tab", name="Upload").click()
+    page.locator("#upload input[type=file]").set_input_files(tmp_path / "digit.png")
+    uploaded = bars(page, label)
+    assert len(uploaded) == 10 and abs(sum(uploaded) - 1) < 1e-3 and max(uploaded) == uploaded[0]
+    page.locator("#seen img").wait_for(timeout=60_000)
 
     hosts = {urlparse(url).hostname for url in requests if urlparse(url).scheme in ("http", "https", "ws", "wss")}
     assert hosts == {"127.0.0.1"}, requests  # no fonts, scripts or analytics from anywhere else

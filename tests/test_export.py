@@ -22,8 +22,8 @@ from src.export import export
 from src.idx import load_split, prepare_files
 from src.inference import load_model
 from src.train import train
-from tests.conftest import (ROOT, compose_config, compose_train, entry_env, needs_extra, real_digits, run_reporting_imports,
-                            write_dataset, write_idx)
+from tests.conftest import (REAL_TRAIN, ROOT, compose_config, compose_train, entry_env, needs_extra, real_digits,
+                            run_reporting_imports, write_dataset)
 from tests.test_extras import run_without
 
 HIDDEN = 16
@@ -281,28 +281,18 @@ def readme_snippet() -> str:
 
 
 @pytest.mark.slow
-def test_readme_snippet_classifies_real_digits_without_torch(tmp_path):
+def test_readme_snippet_classifies_real_digits_without_torch(real_checkpoint, tmp_path):
     """Exactly as written in the README, in a process where torch cannot be imported, on PNGs of real digits."""
-    images, labels = real_digits()  # skips without ../shared
+    images, labels = real_digits()
     needs_extra("export", *EXPORT_EXTRA)
     import onnxruntime
 
     snippet = readme_snippet()
     assert len(snippet.strip().splitlines()) == 6 and "torch" not in snippet.replace("onnxruntime", "")
+    export(compose_config("export", f"ckpt_path={real_checkpoint}", f"out={tmp_path / 'model.onnx'}"))
 
-    data = tmp_path / "data"
-    data.mkdir()
-    write_idx(data / "train-images-idx3-ubyte.gz", images[:6000])
-    write_idx(data / "train-labels-idx1-ubyte.gz", labels[:6000])
-    write_idx(data / "t10k-images-idx3-ubyte.gz", images[6000:])
-    write_idx(data / "t10k-labels-idx1-ubyte.gz", labels[6000:])
-    train(compose_train(f"data.data_dir={data}", "trainer.max_epochs=2", "trainer.accelerator=cpu", "model.hidden=128",
-                        "trainer.enable_progress_bar=false"), tmp_path / "run")
-    export(compose_config("export", f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
-                          f"out={tmp_path / 'model.onnx'}"))
-
-    # 20 held-out digits as a user's PNG: dark ink on white, enlarged to 112x112.
-    digits = list(range(6000, 6020))
+    # 20 held-out digits (the model trained on the other 4,000) as a user's PNG: dark ink on white, 112x112.
+    digits = list(range(REAL_TRAIN, REAL_TRAIN + 20))
     for k in digits:
         ImageOps.invert(Image.fromarray(images[k])).resize((112, 112), Image.Resampling.BICUBIC).save(tmp_path / f"{k}.png")
     runner = ("import shutil, sys\nsys.modules['torch'] = None\n"  # an `import torch` anywhere would fail
@@ -319,5 +309,7 @@ def test_readme_snippet_classifies_real_digits_without_torch(tmp_path):
     same, right = int((snippet_classes == p.argmax(1)).sum()), int((snippet_classes == labels[digits]).sum())
     print(f"README snippet on {len(digits)} real digits: the model's class for the original {same} times, "
           f"the true label {right} times")
-    assert same >= len(digits) - 1, result.stdout
-    assert right >= 16, result.stdout  # ... and mostly right: this model is about 90 % right on MNIST's test digits
+    # Measured with the training seeds 42 (the tests') and 0 to 4: the model's class 20 times of 20 and the true
+    # label 20 times, with each seed. Thresholds: the worst less 1 and less 2.
+    assert same >= 19, result.stdout
+    assert right >= 18, result.stdout  # ... and mostly right

@@ -1,5 +1,5 @@
 """`python -m src.predict`: results, figures, checkpoint choice, bad input, and how `image=`
-prepares a user's picture (checked on real handwritten digits when they are available)."""
+prepares a user's picture (checked on real handwritten digits)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from src.inference import CLASS_NAMES, load_model
 from src.pictures import read_image
 from src.predict import predict
 from src.train import train
-from tests.conftest import (ROOT, compose_config, compose_train, make_digits, real_digits, run_reporting_imports,
-                            write_dataset, write_idx)
+from tests.conftest import (REAL_TRAIN, ROOT, compose_config, compose_train, make_digits, real_digits,
+                            run_reporting_imports, write_dataset)
 
 HIDDEN = 16  # not the default 512: predict must rebuild the model from the checkpoint alone
 
@@ -288,7 +288,7 @@ def test_command_line_run_and_bad_input_exit_codes(workdir):
         assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in bad.stderr, bad.stderr
 
 
-# Real handwriting: MNIST's own test digits, saved the way a user's picture arrives.
+# Real handwriting: MNIST's own digits (tests/conftest.py's), saved the way a user's picture arrives.
 
 def as_users_picture(digit: np.ndarray, path: Path, k: int) -> Path:
     """Dark ink on white paper, enlarged to 200x200, off-centre on a larger page, in RGB."""
@@ -311,41 +311,39 @@ def centred_on_its_mass(digit: np.ndarray) -> np.ndarray:
 def test_real_digits_come_back_from_a_users_picture(tmp_path):
     images, _ = real_digits()
     raw, centred = [], []
-    for k, digit in enumerate(images[:200]):
+    for k, digit in enumerate(images[REAL_TRAIN:REAL_TRAIN + 200]):
         seen = read_image(as_users_picture(digit, tmp_path / f"{k}.png", k)).numpy()
         assert seen.shape == (28, 28) and seen.max() == 1 and np.median(seen) == 0  # light digit, dark ground
         raw.append(correlation(seen, digit))
         centred.append(correlation(seen, centred_on_its_mass(digit.astype(np.float32))))
-    # The only difference left is MNIST's rounding of the centre to a whole pixel.
-    assert min(centred) >= 0.9, (np.argmin(centred), min(centred))
-    assert np.median(raw) >= 0.9 and min(raw) >= 0.75, (np.median(raw), min(raw))
+    # Measured on the 1,000 held-out digits as five samples of 200 (this test's is the first): correlation median
+    # 0.961, 0.965, 0.967, 0.964, 0.962, lowest 0.838, 0.879, 0.838, 0.799, 0.823; once centred exactly, lowest
+    # 0.975, 0.979, 0.980, 0.968, 0.977, median 0.992 to 0.993. Each threshold: the worst less 0.01 for a median,
+    # less 0.02 for a lowest. The only difference left once centred is MNIST's rounding of the centre to a pixel.
+    assert min(centred) >= 0.948 and np.median(centred) >= 0.981, (np.argmin(centred), min(centred))
+    assert np.median(raw) >= 0.951 and min(raw) >= 0.779, (np.median(raw), min(raw))
 
 
 @pytest.mark.slow
-def test_a_model_reads_users_pictures_about_as_well_as_the_originals(tmp_path, monkeypatch, capsys):
+def test_a_model_reads_users_pictures_about_as_well_as_the_originals(real_checkpoint, tmp_path, monkeypatch):
     images, labels = real_digits()
-    data = tmp_path / "data"
-    data.mkdir()
-    write_idx(data / "train-images-idx3-ubyte.gz", images[:9000])  # train on 9000 real digits ...
-    write_idx(data / "train-labels-idx1-ubyte.gz", labels[:9000])
-    write_idx(data / "t10k-images-idx3-ubyte.gz", images[9000:])  # ... and read 300 of the other 1000
-    write_idx(data / "t10k-labels-idx1-ubyte.gz", labels[9000:])
-    train(compose_train(f"data.data_dir={data}", "trainer.max_epochs=3", "trainer.accelerator=cpu",
-                        "model.hidden=128"), tmp_path / "run")
-    model = load_model(tmp_path / "run" / "checkpoints" / "last.ckpt").net
-
-    held_out, truth = images[9000:9300], torch.from_numpy(labels[9000:9300].astype(np.int64))
+    model = load_model(real_checkpoint).net  # trained on the other 4,000
+    held_out = images[REAL_TRAIN:REAL_TRAIN + 300]
+    truth = torch.from_numpy(labels[REAL_TRAIN:REAL_TRAIN + 300].astype(np.int64))
     pictures = torch.stack([read_image(as_users_picture(d, tmp_path / f"{k}.png", k)) for k, d in enumerate(held_out)])
     originals = torch.from_numpy(held_out.astype(np.float32) / 255)
     with torch.no_grad():
         accuracy_originals = (model(originals.reshape(-1, 784)).argmax(1) == truth).float().mean().item()
         accuracy_pictures = (model(pictures.reshape(-1, 784)).argmax(1) == truth).float().mean().item()
     print(f"accuracy on 300 held-out digits: originals {accuracy_originals:.3f}, as users' pictures {accuracy_pictures:.3f}")
-    assert accuracy_originals >= 0.85  # the model learned
-    assert accuracy_pictures >= accuracy_originals - 0.03
+    # Measured with the training seeds 42 (the tests') and 0 to 4: originals 0.917, 0.930, 0.930, 0.913, 0.880,
+    # 0.920; as pictures 0.917, 0.943, 0.930, 0.917, 0.880, 0.927, never below the originals. Each threshold:
+    # the worst less 0.02.
+    assert accuracy_originals >= 0.86  # the model learned
+    assert accuracy_pictures >= 0.86 and accuracy_pictures >= accuracy_originals - 0.02
 
     monkeypatch.chdir(tmp_path)  # and the command's own path agrees with the batch above
-    [result] = run_predict(f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", "image=0.png")
+    [result] = run_predict(f"ckpt_path={real_checkpoint}", "image=0.png")
     assert torch.equal(result.image, pictures[0])
     assert int(result.probabilities.argmax()) == int(model(pictures[:1].reshape(1, 784)).argmax())
 
