@@ -1,14 +1,24 @@
-"""Files put in place in one step: a checkpoint or an exported model is never seen half-written.
+"""Files put in place in one step, and failed writes told in one line.
 
-Used by the training's checkpoint writer and by export; free of Lightning.
+A checkpoint, an exported model, a figure or a table is written to a temporary file beside it and
+renamed into place, so it is never seen half-written. A write that fails (a full disk, a folder that
+vanished or is a file) ends as one CannotWrite naming the file and the cause. Free of Lightning.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import tempfile
 from pathlib import Path
+
+from src.errors import UserError
+
+
+class CannotWrite(UserError):
+    """A file could not be written: a fault of the machine, not of the settings, so a search or a
+    sweep stops at it rather than trying other settings on the same full disk."""
 
 
 @contextlib.contextmanager
@@ -27,3 +37,41 @@ def replaced_in_one_step(target: Path, suffix: str = ".tmp"):
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def writing(path: str | Path):
+    """Whatever fails in the block because a write failed becomes CannotWrite: 'cannot write PATH: CAUSE'.
+
+    The boundary of every writer, the project's own and the libraries' (Lightning's loggers, MLflow,
+    Optuna): the line names the file the user knows, not a temporary one, and the system's words for
+    the cause. Other errors pass through unchanged.
+    """
+    try:
+        yield
+    except UserError:
+        raise  # already one line (a CannotWrite of a file inside `path`, say)
+    except Exception as error:
+        failed = cannot_write(path, error)
+        if failed is None:
+            raise
+        raise failed from error
+
+
+def cannot_write(path: str | Path | None, error: BaseException) -> CannotWrite | None:
+    """CannotWrite naming `path` (None: the file the system named) when `error` came from a failed write.
+
+    Libraries wrap the system's error: torch.save's zip writer raises a RuntimeError ('unexpected pos
+    ...') while handling the OSError of the full disk, MLflow an MlflowException from SQLAlchemy's from
+    SQLite's 'database or disk is full'. The first failure of the chain is the cause.
+    """
+    failure, seen = None, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, (OSError, sqlite3.OperationalError)):
+            failure = error
+        error = error.__cause__ or error.__context__
+    if failure is None:
+        return None
+    cause = (failure.strerror or type(failure).__name__) if isinstance(failure, OSError) else str(failure)
+    return CannotWrite(f"cannot write {path or getattr(failure, 'filename', None) or 'a file'}: {cause}")

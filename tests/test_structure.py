@@ -12,9 +12,9 @@ from tests.conftest import CONF, ROOT
 # layers below it, never those above.
 LAYERS = [
     ("the error type", {"errors"}),
-    ("config and the command-line layer", {"config", "cli", "extras", "run_context"}),
-    ("plain PyTorch", {"idx", "network", "checkpoint", "pictures", "inference", "atomic", "plots", "run_files"}),
-    ("the Lightning layer", {"data", "model", "callbacks", "tracking", "sweep"}),
+    ("config and the command-line layer", {"config", "cli", "extras", "run_context", "atomic"}),
+    ("plain PyTorch", {"idx", "network", "checkpoint", "pictures", "inference", "plots", "run_files"}),
+    ("the Lightning layer", {"data", "model", "callbacks", "tracking", "sweep", "journal"}),
     ("entry points", {"train", "predict", "app", "export", "tune", "evaluate"}),
 ]
 
