@@ -1,6 +1,8 @@
-"""Files put in place in one step: a checkpoint or an exported model is never seen half-written.
+"""Files put in place in one step, and failed writes told in one line.
 
-Used by the training's checkpoint writer and by export; free of Lightning.
+A checkpoint, an exported model, a figure or a table is written to a temporary file beside it and
+renamed into place, so it is never seen half-written. A write that fails (a full disk, a folder that
+vanished or is a file) ends as one CannotWrite naming the file and the cause. Free of Lightning.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ import contextlib
 import os
 import tempfile
 from pathlib import Path
+
+from src.errors import UserError, cannot_write
 
 
 @contextlib.contextmanager
@@ -27,3 +31,22 @@ def replaced_in_one_step(target: Path, suffix: str = ".tmp"):
         os.replace(partial, target)
     finally:
         partial.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def writing(path: str | Path):
+    """Whatever fails in the block because a write failed becomes CannotWrite: 'cannot write PATH: CAUSE'.
+
+    The boundary of every writer, the project's own and the libraries' (Lightning's loggers, MLflow,
+    Optuna): the line names the file the user knows, not a temporary one, and the system's words for
+    the cause. Other errors pass through unchanged.
+    """
+    try:
+        yield
+    except UserError:
+        raise  # already one line (a CannotWrite of a file inside `path`, say)
+    except Exception as error:
+        failed = cannot_write(path, error)
+        if failed is None:
+            raise
+        raise failed from error

@@ -14,6 +14,7 @@ import re
 import sys
 from dataclasses import fields, is_dataclass
 
+from src.errors import cannot_write
 from src.errors import UserError, one_line
 from src.extras import require
 from src.run_context import RunContext
@@ -84,6 +85,14 @@ def run_hydra(hydra_main) -> None:
         return hydra_main()
     except (HydraException, OmegaConfBaseException) as error:
         print(f"error: {one_line(_hydra_message(error))}", file=sys.stderr)
+        sys.exit(1)
+    except Exception as error:
+        # Hydra's own writing before the task starts (the run folder, .hydra/, train.log): a folder that
+        # cannot be made, a full disk. The task's own errors have passed the job above, which took _ONE_LINE.
+        failed = cannot_write(None, error) if _ONE_LINE in os.environ else None
+        if failed is None:
+            raise
+        print(f"error: {one_line(failed)}", file=sys.stderr)
         sys.exit(1)
     finally:
         _stop_one_line_errors()

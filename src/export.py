@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from src.atomic import replaced_in_one_step
+from src.atomic import replaced_in_one_step, writing
 from src.cli import entry_point
 from src.config import ExportConfig, validated
 from src.errors import UserError, one_line
@@ -56,7 +56,7 @@ def export(cfg: DictConfig) -> Path:
     what = f"out={config.out!r}" if config.out is not None else f"{target} (the default, beside the checkpoint)"
     if target.resolve() == ckpt_path.resolve():
         raise UserError(f"{what} is the checkpoint itself: give another file to write the model to")
-    with _written_in_one_step(target, what, FILE_NAMES[config.format]) as partial:
+    with writing(target), _written_in_one_step(target, what, FILE_NAMES[config.format]) as partial:
         print(f"checkpoint: {ckpt_path} ({source}; {model.summary})")
         images, described = _parity_images(model, config)
         wrapped = Probabilities(model.net).eval()
@@ -154,7 +154,9 @@ def _write_torchscript(wrapped: Probabilities, model: LoadedModel, path: Path) -
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # PyTorch marks TorchScript deprecated; the README says so
         scripted = torch.jit.script(wrapped)  # scripted, not traced: no shape is fixed by an example
-        torch.jit.save(scripted, str(path), _extra_files=_metadata(model))
+        # Through a Python file, whose full disk is an OSError: saved to a path, it aborts the process from C++.
+        with open(path, "wb") as f:
+            torch.jit.save(scripted, f, _extra_files=_metadata(model))
     return "TorchScript, scripted: images (batch, 784) -> probabilities (batch, 10)"
 
 

@@ -18,6 +18,8 @@ def installed(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:  # a parent package is missing
         return False
+    except ValueError:  # imported already, as a module without __spec__ (optuna_integration is such a lazy one)
+        return True
 
 
 def require(extra: str, feature: str, *modules: str) -> None:

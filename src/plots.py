@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from src.atomic import replaced_in_one_step, writing
+
 
 def file_pyplot():
     """matplotlib.pyplot on the Agg backend: figures go to files, never to a window."""
@@ -17,6 +19,15 @@ def file_pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_figure(fig, out: Path) -> Path:
+    """`fig` as the file `out`, put in place whole or not at all: a full disk leaves an earlier figure
+    there as it was, and ends with one line naming `out`."""
+    out = Path(out)
+    with writing(out), replaced_in_one_step(out) as partial:
+        fig.savefig(partial, dpi=100, format=out.suffix.lstrip(".") or "png")  # the temporary name has no such suffix
+    return out
 
 
 def training_curves(metrics_csv: Path, out: Path) -> Path | None:
@@ -42,7 +53,7 @@ def training_curves(metrics_csv: Path, out: Path) -> Path | None:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    save_figure(fig, out)
     plt.close(fig)
     return out
 
@@ -63,7 +74,7 @@ def confusion_matrix(confusion: torch.Tensor, classes: list[str], out: Path, spl
     ax.set_yticks(range(len(classes)), [f"{c} ({a:.1%})" for c, a in zip(classes, per_class.tolist())])
     ax.set(xlabel="predicted", ylabel="true (per-class accuracy)", title=f"{split} confusion matrix")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    save_figure(fig, out)
     plt.close(fig)
     return out
 
@@ -121,7 +132,7 @@ def prediction(probabilities: torch.Tensor, classes: list[str], image: torch.Ten
     picture.set_title(title, fontsize=9)
     picture.axis("off")
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    save_figure(fig, out)
     if not keep_open:
         plt.close(fig)
     return out

@@ -8,6 +8,7 @@ collected from the job folders and the job's own metrics.csv.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -22,8 +23,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from src.atomic import replaced_in_one_step, writing
 from src.config import sweep_metric, tested_checkpoint
-from src.errors import one_line
+from src.errors import CannotWrite, one_line
 from src.run_files import METRICS, last_checkpoint
 
 RESULT_FILE = "result.json"
@@ -56,7 +58,8 @@ class SweepSummary(Callback):
             "wall_s": round(time.time() - self._started, 2) if self._started else None,
             "error": _one_line(error) if failed else "",
         }
-        (Path(config.hydra.runtime.output_dir) / RESULT_FILE).write_text(json.dumps(result, indent=1))
+        with _stop_on_a_failed_write():
+            write_text(Path(config.hydra.runtime.output_dir) / RESULT_FILE, json.dumps(result, indent=1))
         if failed:
             # Hydra's sweeper re-raises the first failure once every job has run, which would skip
             # on_multirun_end and with it the summary; the error is recorded above instead.
@@ -69,10 +72,12 @@ class SweepSummary(Callback):
             return
         metric = rows[0]["metric"]
         rows.sort(key=lambda row: _sort_key(row, metric))
-        write_csv(rows, sweep_dir / self.filename)
+        with _stop_on_a_failed_write():
+            write_csv(rows, sweep_dir / self.filename)
         print(f"\nSweep summary, best {metric} first ({sweep_dir / self.filename}):")
         print(format_table(rows, metric))
-        plotted = plot_metric(rows, metric, sweep_dir / self.plot)
+        with _stop_on_a_failed_write():
+            plotted = plot_metric(rows, metric, sweep_dir / self.plot)
         if plotted:
             print(f"Plot of {metric} against the swept values: {plotted}")
         if metric.startswith("test/"):
@@ -83,6 +88,25 @@ class SweepSummary(Callback):
             print(f"error: {failed} of {len(rows)} jobs failed; their errors are in {sweep_dir / self.filename}",
                   file=sys.stderr)
             sys.exit(1)
+
+
+@contextlib.contextmanager
+def _stop_on_a_failed_write():
+    """A file of the sweep that cannot be written stops the sweep with one line and exit status 1.
+
+    Hydra turns an exception of a callback into a warning and goes on, and the sweep would end with
+    status 0 and a summary short of a job, or none at all.
+    """
+    try:
+        yield
+    except CannotWrite as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        sys.exit(1)
+
+
+def write_text(path: Path, text: str) -> None:
+    with writing(path), replaced_in_one_step(path) as partial:
+        partial.write_text(text)
 
 
 def collect(sweep_dir: Path) -> list[dict]:
@@ -134,7 +158,7 @@ def _sort_key(row: dict, metric: str) -> tuple:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
+    with writing(path), replaced_in_one_step(path) as partial, open(partial, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
@@ -171,7 +195,7 @@ def plot_metric(rows: list[dict], metric: str, out: Path) -> Path | None:
     keys = swept_keys(rows)
     if not done or not keys:
         return None
-    from src.plots import file_pyplot
+    from src.plots import file_pyplot, save_figure
 
     plt = file_pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.5), squeeze=False)
@@ -189,7 +213,7 @@ def plot_metric(rows: list[dict], metric: str, out: Path) -> Path | None:
         ax.set(xlabel=key, ylabel=metric)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
+    save_figure(fig, out)
     plt.close(fig)
     return out
 

@@ -10,18 +10,24 @@ imported only when chosen.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import logging
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch import Callback
+from lightning.pytorch.core.saving import save_hparams_to_yaml
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
+from src.atomic import replaced_in_one_step, writing
 from src.config import TrainConfig
-from src.errors import UserError, one_line
+from src.errors import CannotWrite, UserError, one_line
 from src.run_context import RunContext
 from src.run_files import CHECKPOINTS, FIGURES
 
@@ -31,14 +37,14 @@ RUN_ID_KEY = "mlflow_run_id"  # in every checkpoint of an MLflow-tracked run, so
 def build_loggers(config: TrainConfig, run_dir: Path, resume_from: dict | None,
                   context: RunContext) -> tuple[list[Logger], list[Callback]]:
     """The CSV logger and those chosen in config.logger, and the callbacks they need."""
-    loggers: list[Logger] = [CSVLogger(save_dir=run_dir, name="", version="")]
+    loggers: list[Logger] = [WholeFileCSVLogger(save_dir=run_dir, name="", version="")]
     callbacks: list[Callback] = []
     if config.logger.tensorboard:
         # The folder below tensorboard/ is the override string, so `tensorboard --logdir multirun/DATE/TIME`
         # names each job by what it swept. default_hp_metric=False: Lightning's call at fit start then
         # writes no HParams entry; TensorBoard keeps only a run's first one, written at the end with the metrics.
-        loggers.append(TensorBoardLogger(save_dir=run_dir, name="tensorboard", version=_folder_name(context.override_dirname),
-                                         default_hp_metric=False))
+        loggers.append(NamedTensorBoardLogger(save_dir=run_dir, name="tensorboard",
+                                              version=_folder_name(context.override_dirname), default_hp_metric=False))
     if config.logger.mlflow:
         mlflow_logger = _mlflow_logger(config, run_dir, resume_from, context)
         loggers.append(mlflow_logger)
@@ -54,18 +60,20 @@ def log_results(loggers: list[Logger], config: TrainConfig, run_dir: Path, metri
             import numpy as np
             from PIL import Image
 
-            _tensorboard_hparams(logger, config_params(config), list(metrics), step)
-            for figure in FIGURES:
-                with Image.open(run_dir / figure) as image:
-                    pixels = np.asarray(image.convert("RGB"))
-                logger.experiment.add_image(Path(figure).stem, pixels, step, dataformats="HWC")
+            with writing(logger.log_dir):
+                _tensorboard_hparams(logger, config_params(config), list(metrics), step)
+                for figure in FIGURES:
+                    with Image.open(run_dir / figure) as image:
+                        pixels = np.asarray(image.convert("RGB"))
+                    logger.experiment.add_image(Path(figure).stem, pixels, step, dataformats="HWC")
             logger.finalize("success")
         elif isinstance(logger, MLFlowLogger):
-            for figure in FIGURES:
-                logger.experiment.log_artifact(logger.run_id, str(run_dir / figure))
-            # The folder as it ends up; MLFlowLogger(log_model=True) would upload the files of only one
-            # ModelCheckpoint (the last to save: best-*, with a validation split), each in a folder of its own.
-            logger.experiment.log_artifacts(logger.run_id, str(run_dir / CHECKPOINTS), CHECKPOINTS)
+            with writing(logger.experiment.get_run(logger.run_id).info.artifact_uri.removeprefix("file://")):
+                for figure in FIGURES:
+                    logger.experiment.log_artifact(logger.run_id, str(run_dir / figure))
+                # The folder as it ends up; MLFlowLogger(log_model=True) would upload the files of only one
+                # ModelCheckpoint (the last to save: best-*, with a validation split), each in a folder of its own.
+                logger.experiment.log_artifacts(logger.run_id, str(run_dir / CHECKPOINTS), CHECKPOINTS)
             logger.finalize("success")
 
 
@@ -97,7 +105,123 @@ def config_params(config: TrainConfig) -> dict[str, Any]:
     return flatten(dataclasses.asdict(config))
 
 
-class ConfigMLFlowLogger(MLFlowLogger):
+class NamesItsFiles:
+    """For a Lightning logger: a write that fails (a full disk, a vanished folder) ends the run with one
+    line naming the logger's files (`files`) and the cause, instead of the library's traceback.
+
+    Lightning calls its loggers from inside training and re-raises what they raise after its own
+    clean-up, which finalizes every logger as "failed". On a full disk that finalize fails too: its
+    failure is left unsaid, so that the run stops with the error that stopped it.
+    """
+
+    files: str
+
+    @property
+    def experiment(self):
+        with writing(self.files):
+            return super().experiment
+
+    def log_hyperparams(self, *args, **kwargs) -> None:
+        with writing(self.files):
+            super().log_hyperparams(*args, **kwargs)
+
+    def log_metrics(self, *args, **kwargs) -> None:
+        with writing(self.files):
+            super().log_metrics(*args, **kwargs)
+
+    def save(self) -> None:
+        with writing(self.files):
+            super().save()
+
+    def finalize(self, status: str) -> None:
+        try:
+            with writing(self.files):
+                super().finalize(status)
+        except CannotWrite:
+            if status != "failed":
+                raise
+
+
+class WholeFileCSVLogger(NamesItsFiles, CSVLogger):
+    """Lightning's CSVLogger, whose metrics.csv and hparams.yaml are each replaced whole (src/atomic.py).
+
+    Lightning appends rows to metrics.csv and rewrites it in place whenever a column appears (val/,
+    then test/): on a full disk that leaves the file cut short, the earlier epochs lost with it.
+    """
+
+    @property
+    def files(self) -> str:
+        return self.log_dir
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            with writing(self.log_dir):
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = WholeFileWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
+class WholeFileWriter(ExperimentWriter):
+    """CSVLogger's writer: every save writes the whole metrics.csv to a temporary file and renames it."""
+
+    def __init__(self, log_dir: str):
+        super().__init__(log_dir)
+        self.saved: list[dict] = []  # the rows in metrics.csv: a few per epoch
+
+    def log_hparams(self, params: dict[str, Any]) -> None:
+        self.hparams.update(params)
+        path = Path(self.log_dir) / self.NAME_HPARAMS_FILE
+        with writing(path), replaced_in_one_step(path) as partial:
+            save_hparams_to_yaml(partial, self.hparams)
+
+    def save(self) -> None:
+        if not self.metrics:
+            return
+        self._record_new_keys()
+        rows, path = self.saved + self.metrics, Path(self.metrics_file_path)
+        with writing(path), replaced_in_one_step(path) as partial, open(partial, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.saved, self.metrics = rows, []
+
+
+class NamedTensorBoardLogger(NamesItsFiles, TensorBoardLogger):
+    """Lightning's TensorBoardLogger, naming its folder when its event file cannot be written.
+
+    TensorBoard appends each event to the file from a thread of its own. On an OSError (a full disk)
+    that thread keeps it, to be raised again in the training's thread at the next event or flush, where
+    it is reported; then the thread ends by raising it itself, and Python would print its traceback.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        _quiet_event_writer_thread()
+
+    @property
+    def files(self) -> str:
+        return str(Path(self.log_dir))
+
+
+def _quiet_event_writer_thread() -> None:
+    """Python's report of an exception that ends a thread, less TensorBoard's writer thread's OSError."""
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    report = threading.excepthook
+    if getattr(report, "quiet_event_writer", False):
+        return
+
+    def quiet(args) -> None:
+        if not (isinstance(args.thread, _AsyncWriterThread) and isinstance(args.exc_value, OSError)):
+            report(args)
+
+    quiet.quiet_event_writer = True
+    threading.excepthook = quiet
+
+
+class ConfigMLFlowLogger(NamesItsFiles, MLFlowLogger):
     """Lightning's MLFlowLogger, logging the whole config as params, and able to continue a run.
 
     Lightning calls log_hyperparams once, at fit start, with the model's and the data module's
@@ -109,14 +233,16 @@ class ConfigMLFlowLogger(MLFlowLogger):
     def __init__(self, params: dict[str, Any], **kwargs: Any):
         super().__init__(**kwargs)
         self._params = {key: str(value)[:250] for key, value in params.items()}  # MLFlowLogger cuts at 250
+        self.files = store_name(self._tracking_uri)
 
     @rank_zero_only
     def log_hyperparams(self, params: Any) -> None:
-        logged = self.experiment.get_run(self.run_id).data.params
-        changed = [f"{key}={value}" for key, value in self._params.items() if logged.get(key, value) != value]
-        super().log_hyperparams({key: value for key, value in self._params.items() if key not in logged})
-        if changed:
-            self.experiment.set_tag(self.run_id, "resumed_with", " ".join(changed))
+        with writing(self.files):
+            logged = self.experiment.get_run(self.run_id).data.params
+            changed = [f"{key}={value}" for key, value in self._params.items() if logged.get(key, value) != value]
+            super().log_hyperparams({key: value for key, value in self._params.items() if key not in logged})
+            if changed:
+                self.experiment.set_tag(self.run_id, "resumed_with", " ".join(changed))
 
 
 class RecordMLflowRun(Callback):
@@ -144,8 +270,9 @@ def _mlflow_logger(config: TrainConfig, run_dir: Path, resume_from: dict | None,
     client = _open_experiment(uri, experiment)
     if run_id is not None:
         try:
-            client.update_run(run_id, status="RUNNING")  # Lightning marked it FAILED when it was interrupted
-            client.set_tag(run_id, "resumed_in", str(run_dir.resolve()))
+            with writing(store_name(uri)):
+                client.update_run(run_id, status="RUNNING")  # Lightning marked it FAILED when it was interrupted
+                client.set_tag(run_id, "resumed_in", str(run_dir.resolve()))
         except MlflowException:
             print(f"note: MLflow run {run_id} of this checkpoint is not in {uri}; starting a new run", file=sys.stderr)
             run_id = None
@@ -163,16 +290,23 @@ def _open_experiment(uri: str, experiment: str):
 
     with _store_lock(uri):
         try:
-            client = MlflowClient(uri)  # opens the store: a new SQLite file is created and migrated here
+            with writing(store_name(uri)):
+                client = MlflowClient(uri)  # opens the store: a new SQLite file is created and migrated here
         except MlflowException as error:
             raise UserError(f"logger.tracking_uri={uri!r} is not valid: {one_line(error)}") from None
         try:  # here rather than in the logger, which does not expect another job to create it meanwhile
-            client.create_experiment(experiment)
+            with writing(store_name(uri)):
+                client.create_experiment(experiment)
         except MlflowException as error:
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise UserError(f"MLflow at logger.tracking_uri={uri} could not create experiment {experiment!r}: "
                                 f"{one_line(error)}") from None
     return client
+
+
+def store_name(uri: str) -> str:
+    """The store as a failed write names it: the SQLite file, else the URI."""
+    return str(Path(uri.removeprefix("sqlite:///")).resolve()) if uri.startswith("sqlite:///") else uri
 
 
 def _store_lock(uri: str):
@@ -200,5 +334,7 @@ def _folder_name(overrides: str) -> str:
 def _quiet_mlflow() -> None:
     # Creating the SQLite store logs every schema migration (alembic) at INFO, which Hydra's root
     # logger would print; a warning or an error still shows.
-    for name in ("alembic", "mlflow.store.db.utils"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # The same module also logs, with its traceback, every SQLite error that MLflow then raises (a full
+    # disk: "database or disk is full"); the run reports that error in one line.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)

@@ -13,6 +13,7 @@ optuna<3 and, running each trial through a launcher, cannot report to Optuna dur
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from dataclasses import dataclass, field
@@ -22,9 +23,10 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from src.atomic import writing
 from src.cli import entry_point
 from src.config import TrainConfig, validated
-from src.errors import UserError
+from src.errors import CannotWrite, UserError
 from src.extras import require
 from src.run_context import RunContext
 
@@ -117,7 +119,8 @@ def tune(cfg: DictConfig, context: RunContext):
     from src.train import train
 
     study_dir = Path(context.output_dir)
-    study_dir.mkdir(parents=True, exist_ok=True)
+    with writing(study_dir):
+        study_dir.mkdir(parents=True, exist_ok=True)
     # Held while a worker creates or loads the study, and while it counts the trials and asks for the next.
     lock = FileLock(study_dir / ".ask.lock")
     with lock:
@@ -157,6 +160,10 @@ def tune(cfg: DictConfig, context: RunContext):
             value = objective(trial)
         except optuna.TrialPruned:
             study.tell(trial, state=TrialState.PRUNED)
+        except CannotWrite:  # a fault of the machine (a full disk) would fail every trial after it: the search stops
+            with contextlib.suppress(CannotWrite):  # the journal on the same full disk: the first failure is told
+                study.tell(trial, state=TrialState.FAIL)
+            raise
         except UserError as error:  # settings that cannot train (divergence, say): failed; the search goes on
             log.warning("trial %d failed: %s", trial.number, error)
             study.tell(trial, state=TrialState.FAIL)
@@ -183,7 +190,9 @@ def open_storage(url: str | None, study_dir: Path):
         log.warning("resuming %s (SQLite): run one worker at a time on it, or copy it into journal.log "
                     "with optuna.copy_study (see the README) to run several", legacy)
         return f"sqlite:///{legacy.resolve()}"
-    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    from src.journal import WholeRecordsJournal
+
+    return optuna.storages.JournalStorage(WholeRecordsJournal(str(journal)))
 
 
 def report(study, metric: str) -> None:

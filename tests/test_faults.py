@@ -1,0 +1,327 @@
+"""Faults of the machine while writing: a full disk, a folder that cannot be made.
+
+Every writer fails for real: on a small tmpfs filled up at the chosen moment, or under a regular file.
+Each failure must be one line naming the file and the cause (in-process: the CannotWrite's message;
+a real process: its last line on stderr and exit status 1, no traceback), and leave the last good
+file whole and usable. Mounting needs root; where it is refused the test is skipped (failed under CI).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from src.errors import CannotWrite
+from src.train import train
+from tests.conftest import compose_config, compose_train, entry_env, needs
+from tests.test_reliability import interrupt_at_step
+
+FULL = "No space left on device"
+TINY = ("trainer.max_epochs=2", "data.batch_size=64", "model.hidden=16", "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false", "seed=3")  # 600 images: 10 steps an epoch
+
+
+@contextlib.contextmanager
+def mounted(folder: Path):
+    """A 16 MB tmpfs on `folder` (an existing, empty folder), unmounted when the block ends."""
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)], capture_output=True,
+                            text=True)
+    needs(result.returncode == 0, f"cannot mount a tmpfs (as root it works): {result.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)  # lazy: a logger may still hold a file open
+
+
+@pytest.fixture
+def disk(tmp_path) -> Path:
+    """An empty small disk of its own."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    with mounted(folder):
+        yield folder
+
+
+def fill(disk: Path) -> None:
+    """Take every free block of the tmpfs."""
+    assert os.path.ismount(disk), f"{disk} is not the small disk"  # never fill a real one
+    with open(disk / "filler", "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(bytes(1 << 16))
+        except OSError as error:
+            assert error.errno == errno.ENOSPC
+
+
+def empty(disk: Path) -> None:
+    (disk / "filler").unlink()
+
+
+class FillAtEpoch(L.Callback):
+    """Fills the disk as epoch `epoch` (from 0) starts, after the previous epoch's files were written, and
+    keeps last.ckpt's bytes as they were then."""
+
+    def __init__(self, disk: Path, checkpoint: Path, epoch: int = 1):
+        self.disk, self.checkpoint, self.epoch, self.kept = disk, checkpoint, epoch, None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            self.kept = self.checkpoint.read_bytes() if self.checkpoint.exists() else None
+            fill(self.disk)
+
+
+def test_full_disk_at_a_checkpoint_keeps_the_last_good_one_which_resumes(tiny_data, tmp_path, disk):
+    last = disk / "run" / "checkpoints" / "last.ckpt"
+    filler = FillAtEpoch(disk, last)
+    with pytest.raises(CannotWrite) as failed:
+        train(compose_train(f"data.data_dir={tiny_data}", *TINY), disk / "run", callbacks=(filler,))
+    assert str(failed.value) == f"cannot write {last}: {FULL}"
+    assert last.read_bytes() == filler.kept  # epoch 1's, whole
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]  # no temporary file left
+    train(compose_train(f"data.data_dir={tiny_data}", *TINY, f"ckpt_path={last}"), tmp_path / "resumed")
+    resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (resumed["epoch"], resumed["global_step"]) == (1, 20)  # epoch 2 trained on top of epoch 1
+
+
+def test_full_disk_at_the_interrupt_save_keeps_the_last_good_checkpoint(tiny_data, disk, monkeypatch, capsys):
+    last = disk / "run" / "checkpoints" / "last.ckpt"
+    filler = FillAtEpoch(disk, last)
+    interrupt_at_step(monkeypatch, 14)  # Ctrl-C in epoch 2, after the disk filled up
+    with pytest.raises(CannotWrite) as failed:
+        train(compose_train(f"data.data_dir={tiny_data}", *TINY), disk / "run", callbacks=(filler,))
+    assert str(failed.value) == f"cannot write {last}: {FULL}"
+    assert "saved" not in capsys.readouterr().err  # no claim of a checkpoint that is not there
+    assert last.read_bytes() == filler.kept
+    assert torch.load(last, weights_only=True)["global_step"] == 10
+
+
+def train_process(tmp_path: Path, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "src.train", *overrides], cwd=tmp_path, env=entry_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_real_runs_on_a_disk_that_fills_up_or_in_a_folder_that_cannot_be_made_end_with_one_line(
+        tiny_data, tmp_path, disk):
+    """`python -m src.train` in a folder on the tmpfs, filled up from outside once last.ckpt is there; and
+    one whose folder would be under a regular file (both at once: most of their time is importing)."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    unmade = train_process(tmp_path, f"hydra.run.dir={blocker / 'run'}")
+    filled = train_process(tmp_path, f"data.data_dir={tiny_data}", "data.batch_size=16", "model.hidden=16",
+                           "trainer.max_epochs=1000", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+                           f"hydra.run.dir={disk / 'run'}")
+    last = disk / "run" / "checkpoints" / "last.ckpt"
+    try:
+        deadline = time.time() + 120
+        while not last.exists() and filled.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        fill(disk)
+        for process, line in ((unmade, f"error: cannot write {blocker / 'run'}: Not a directory"),
+                              (filled, f"error: cannot write {last}: {FULL}")):
+            err = process.communicate(timeout=120)[1]
+            assert process.returncode == 1, err[-3000:]
+            assert "Traceback" not in err and "Logging error" not in err, err[-3000:]
+            assert err.strip().splitlines()[-1] == line
+    finally:
+        for process in (unmade, filled):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+    state = torch.load(last, weights_only=True)  # a whole epoch's: 38 steps each
+    assert state["global_step"] == 38 * (state["epoch"] + 1)
+
+
+def test_metrics_csv_is_replaced_whole_or_kept(disk):
+    from src.tracking import WholeFileCSVLogger
+
+    logger = WholeFileCSVLogger(save_dir=disk / "run", name="", version="")
+    metrics = disk / "run" / "metrics.csv"
+    step = 0
+    # Rows up to just under one block of the tmpfs, so that the file with two more columns needs a second one.
+    while not metrics.exists() or metrics.stat().st_size + step + 40 < 4096:
+        logger.log_metrics({"train/loss": 1 / (step + 3), "train/acc": step / 100}, step=step)
+        logger.save()
+        step += 1
+    assert metrics.stat().st_size < 4096
+    kept = metrics.read_bytes()
+    fill(disk)
+    # New columns: Lightning would rewrite the file in place, and the disk cut it short.
+    logger.log_metrics({"test/acc": 0.5, "test/loss": 0.25}, step=step)
+    with pytest.raises(CannotWrite) as failed:
+        logger.save()
+    assert str(failed.value) == f"cannot write {metrics}: {FULL}"
+    assert metrics.read_bytes() == kept
+    logger.finalize("failed")  # Lightning's clean-up after the failure: it must not hide the failure
+    with pytest.raises(CannotWrite):
+        logger.finalize("success")
+    empty(disk)
+    logger.finalize("success")
+    rows = list(csv.DictReader(open(metrics)))
+    assert len(rows) == step + 1 and rows[-1]["test/acc"] == "0.5"
+
+
+def test_a_figure_is_replaced_whole_or_kept(tmp_path, disk):
+    from src.plots import training_curves
+
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("epoch,step,train/loss,train/acc\n0,9,0.9,0.6\n1,19,0.5,0.8\n2,29,0.3,0.9\n")
+    figure = disk / "training_curves.png"
+    figure.write_bytes(b"the earlier figure")
+    fill(disk)
+    with pytest.raises(CannotWrite) as failed:
+        training_curves(metrics, figure)
+    assert str(failed.value) == f"cannot write {figure}: {FULL}"
+    assert figure.read_bytes() == b"the earlier figure" and sorted(p.name for p in disk.iterdir()) == [
+        "filler", "training_curves.png"]
+
+
+def test_the_sweep_summary_is_replaced_whole_or_kept_and_stops_the_sweep(tmp_path, disk, capsys):
+    from hydra.core.utils import JobReturn, JobStatus
+    from hydra.types import RunMode
+
+    from src.sweep import SweepSummary
+
+    sweep = disk / "sweep"
+    for job, hidden in enumerate((16, 32)):  # each row over 2 kB: the table needs a second block of the tmpfs
+        (sweep / str(job)).mkdir(parents=True)
+        (sweep / str(job) / "result.json").write_text(json.dumps(
+            {"job": job, "overrides": [f"model.hidden={hidden}", f"data.data_dir=/data/{'x' * 2100}"],
+             "status": "completed", "metric": "test/acc", "value": 0.5 + job / 10, "wall_s": 1.0, "error": ""}))
+    summary = sweep / "summary.csv"
+    summary.write_text("job,overrides\n")
+    fill(disk)
+    with pytest.raises(SystemExit) as stopped:  # Hydra would make an exception of its callback a warning
+        SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: cannot write {summary}: {FULL}"]
+    assert summary.read_text() == "job,overrides\n"
+
+    blocker = tmp_path / "a-file"  # a job whose folder is not there to hold result.json
+    blocker.write_text("")
+    config = OmegaConf.create({"optimized_metric": None, "test_ckpt": None, "data": {"val_size": 0}, "hydra": {
+        "mode": RunMode.MULTIRUN, "job": {"num": 0}, "overrides": {"task": []},
+        "runtime": {"output_dir": str(blocker / "0")}}})
+    with pytest.raises(SystemExit) as stopped:
+        SweepSummary().on_job_end(config, JobReturn(status=JobStatus.COMPLETED, _return_value=0.5))
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: cannot write {blocker / '0' / 'result.json'}: Not a directory"]
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # TensorBoard's own thread
+def test_full_disk_under_tensorboard_keeps_its_earlier_events(tiny_data, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = tmp_path / "run" / "tensorboard"
+    events.mkdir(parents=True)
+    with mounted(events):  # only TensorBoard's files are on the small disk
+        with pytest.raises(CannotWrite) as failed:
+            train(compose_train(f"data.data_dir={tiny_data}", *TINY, "logger=tensorboard"), tmp_path / "run",
+                  callbacks=(FillAtEpoch(events, tmp_path / "run" / "checkpoints" / "last.ckpt"),))
+        assert str(failed.value) == f"cannot write {events}: {FULL}"
+        (written,) = [p for p in events.glob("events.out.tfevents.*") if p.stat().st_size > 0]
+        reader = EventAccumulator(str(written))
+        reader.Reload()
+        assert [event.step for event in reader.Scalars("train/loss")] == [9, 19]  # both epochs, read back
+
+
+def test_full_disk_under_mlflow_keeps_the_store_and_its_earlier_run(tiny_data, tmp_path, disk, monkeypatch, capsys):
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # MLflow's artifacts (./mlruns) stay off the small disk
+    store = f"sqlite:///{disk / 'mlruns.db'}"
+    with pytest.raises(CannotWrite) as failed:
+        train(compose_train(f"data.data_dir={tiny_data}", *TINY, "logger=mlflow", f"logger.tracking_uri={store}"),
+              tmp_path / "run", callbacks=(FillAtEpoch(disk, tmp_path / "run" / "checkpoints" / "last.ckpt"),))
+    assert str(failed.value) == f"cannot write {disk / 'mlruns.db'}: database or disk is full"
+    assert "Traceback" not in capsys.readouterr().err  # MLflow logs none of its own
+    empty(disk)
+    client = MlflowClient(store)
+    (run,) = client.search_runs([client.get_experiment_by_name("train").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [9]  # epoch 1's
+    assert run.data.params["model.hidden"] == "16"
+
+
+def test_full_disk_under_the_search_journal_keeps_every_trial_and_the_journal_usable(disk):
+    import optuna
+
+    from src.run_context import RunContext
+    from src.tune import open_storage, tune
+
+    study_dir = disk / "study"
+    study_dir.mkdir()
+    study = optuna.create_study(study_name="mnist-mlp", direction="maximize", storage=open_storage(None, study_dir))
+    study.optimize(lambda trial: trial.suggest_float("optimizer.lr", 1e-5, 1e-1, log=True), n_trials=2)
+    journal = study_dir / "journal.log"
+    # Leave 10 bytes in the journal's last block, so that the search's next record is torn by the full disk.
+    study.set_user_attr("pad", "")
+    record = journal.stat().st_size
+    study.set_user_attr("pad", "")
+    record = journal.stat().st_size - record
+    study.set_user_attr("pad", "x" * ((4096 - 10 - journal.stat().st_size % 4096 - record) % 4096))
+    assert journal.stat().st_size % 4096 == 4096 - 10
+    kept = journal.read_bytes()
+    fill(disk)
+    with pytest.raises(CannotWrite) as failed:
+        tune(compose_config("hparams_search/optuna", "hparams_search.n_trials=3"), RunContext(output_dir=study_dir))
+    assert str(failed.value) == f"cannot write {journal}: {FULL}"
+    assert journal.read_bytes() == kept  # the torn record was cut off
+
+    empty(disk)
+    plain = optuna.storages.journal.JournalFileBackend(str(journal))  # Optuna's own reader and writer
+    study = optuna.load_study(study_name="mnist-mlp", storage=optuna.storages.JournalStorage(plain))
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    study.set_user_attr("after", 1)
+    study.set_user_attr("again", 2)
+    reopened = optuna.load_study(study_name="mnist-mlp", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(journal))))
+    assert (reopened.user_attrs["after"], reopened.user_attrs["again"], len(reopened.trials)) == (1, 2, 2)
+
+
+def test_a_trial_that_cannot_write_stops_the_search(tiny_data, tmp_path):
+    import optuna
+
+    from src.run_context import RunContext
+    from src.tune import open_storage, tune
+
+    study_dir = tmp_path / "study"
+    (study_dir / "trial_0").mkdir(parents=True)
+    with mounted(study_dir / "trial_0"):
+        fill(study_dir / "trial_0")
+        with pytest.raises(CannotWrite) as failed:
+            tune(compose_config("hparams_search/optuna", f"data.data_dir={tiny_data}", "data.val_size=100", *TINY,
+                                "hparams_search.n_trials=2"), RunContext(output_dir=study_dir))
+        assert str(failed.value) == f"cannot write {study_dir / 'trial_0' / 'hparams.yaml'}: {FULL}"
+    study = optuna.load_study(study_name="mnist-mlp", storage=open_storage(None, study_dir))
+    assert [t.state.name for t in study.trials] == ["FAIL"]  # recorded, and no second trial on the full disk
+
+
+def test_an_export_on_a_full_disk_keeps_the_earlier_model(tiny_data, tmp_path, disk):
+    from src.export import export
+
+    train(compose_train(f"data.data_dir={tiny_data}", *TINY, "trainer.max_epochs=1"), tmp_path / "run")
+    model = disk / "model.pt"
+    model.write_bytes(b"the earlier model")
+    fill(disk)
+    with pytest.raises(CannotWrite) as failed:
+        export(compose_config("export", f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
+                              "format=torchscript", f"out={model}"))
+    assert str(failed.value) == f"cannot write {model}: {FULL}"
+    assert model.read_bytes() == b"the earlier model" and sorted(p.name for p in disk.iterdir()) == [
+        "filler", "model.pt"]
+
