@@ -56,7 +56,10 @@ class MNISTClassifier(L.LightningModule):
         loss = F.cross_entropy(logits, y)
         labels = y.argmax(dim=1)
         mean_loss, accuracy = self._metrics(stage)
-        mean_loss.update(loss.detach(), weight=len(x))
+        # The batch's mean counted once per image, so that the epoch's mean is per image (a short last
+        # batch weighs less), as Keras reports it. Not `weight=len(x)`: MeanMetric ignores weights with
+        # nan_strategy="disable", and a Python number becomes a host-to-device copy on a GPU, every step.
+        mean_loss.update(loss.detach().expand(len(x)))
         accuracy.update(logits.detach(), labels)
         if stage == "test":
             self.confusion.update(logits.detach(), labels)
