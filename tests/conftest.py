@@ -15,8 +15,9 @@ import src.config  # noqa: F401 - registers the config schema with Hydra
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-MNIST_T10K = ROOT.parent / "shared" / "data" / "mnist-t10k"
+# Where the data is; bench/gpu_check.sh points these at the copies it brings to a GPU host.
+FASHION = Path(os.environ.get("FASHION_MNIST_DIR") or "/usr/share/datasets/fashion-mnist")
+MNIST_T10K = Path(os.environ.get("MNIST_T10K_DIR") or ROOT.parent / "shared" / "data" / "mnist-t10k")
 
 
 def write_idx(path: Path, array: np.ndarray) -> Path:
@@ -49,10 +50,11 @@ def write_dataset(folder: Path, n_train: int = 600, n_test: int = 200, gz: bool 
 
 
 def entry_env(*drop: str, **extra: str) -> dict:
-    """This process's environment for a `python -m src.X` subprocess: the repository importable, `extra`
-    added, and without HYDRA_FULL_ERROR and PYTHONWARNINGS (which change what the tests read) or `drop`."""
+    """This process's environment for a `python -m src.X` subprocess: the repository importable (before
+    what PYTHONPATH held, which may be where a package came from), `extra` added, and without
+    HYDRA_FULL_ERROR and PYTHONWARNINGS (which change what the tests read) or `drop`."""
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "PYTHONWARNINGS", *drop)}
-    return {**env, **extra, "PYTHONPATH": str(ROOT)}
+    return {**env, **extra, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])}
 
 
 def free_port() -> int:

@@ -16,6 +16,7 @@ import torch
 
 from src.config import UserError
 from src.data import MNISTDataModule
+from src.idx import load_split, prepare_files
 from src.model import MNISTClassifier
 from src.train import train
 from tests.conftest import ROOT, compose_config, compose_train, needs, needs_fashion
@@ -98,8 +99,6 @@ def test_train_through_hydra_writes_the_run_folder(tiny_data, tmp_path, capsys):
         [logged] = [float(row["test/loss"]) for row in csv.DictReader(f) if row.get("test/loss")]
     net = MNISTClassifier(hidden=512).net
     net.load_state_dict({k.removeprefix("net."): v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")})
-    from src.idx import load_split, prepare_files
-
     x, y = load_split("mnist", str(prepare_files("mnist", tiny_data)), train=False)
     with torch.no_grad():
         assert logged == pytest.approx(torch.nn.functional.cross_entropy(net(x), y).item(), rel=1e-5)
