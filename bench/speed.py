@@ -255,7 +255,8 @@ def device_mode(args) -> dict:
 
     def make_hand(trainer):
         x, y = trainer.datamodule.train_xy
-        figures.update(device=str(x.device), images=len(x), steps=-(-len(x) // 128))
+        figures.update(device=str(x.device), images=len(x), steps=-(-len(x) // 128),
+                       accelerator=f"{type(trainer.accelerator).__name__} on {trainer.strategy.root_device}")
         return HandWrittenLoop(x, y, hidden=args.hidden, precision=args.precision, compile=args.compile)
 
     class Figures(L.Callback):

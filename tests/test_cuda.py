@@ -1,9 +1,9 @@
 """On a CUDA device: the run goes where accelerator=auto puts it, the data lives on the device, no step
-waits for the host, an interrupted run resumes exactly, checkpoints move between CUDA and the CPU, mixed
-precision learns as well, and predict and export read what CUDA trained.
+copies from the host or waits for the GPU, an interrupted run resumes exactly, checkpoints move between
+CUDA and the CPU, mixed precision learns as well, and predict, the page and export read what CUDA trained.
 
-Marked `cuda` and skipped without a CUDA device, under CI too (CI has none). bench/gpu_check.sh runs
-them on a GPU host, with CI=true so that missing data fails rather than skips, and collects what
+Marked `cuda`, and skipped whole without a CUDA device, under CI too (CI has none). bench/gpu_check.sh
+runs them on a GPU host, with CI=true so that missing data fails rather than skips, and collects what
 `record` reports into its results.
 """
 
@@ -19,19 +19,23 @@ import traceback
 import warnings
 from pathlib import Path
 
-import lightning as L
-import numpy as np
 import pytest
 import torch
 
-from src.idx import IDX_FILES, load_split, prepare_files
-from src.inference import load_model
-from src.train import train
-from tests.conftest import FASHION, compose_train, entry_env, needs_fashion, real_digits, write_idx
-from tests.test_predict import as_users_picture, parse
-from tests.test_reliability import final_weights, interrupt_at_step
+if not torch.cuda.is_available():  # before the imports below, which take seconds: nothing here runs without CUDA
+    pytest.skip("no CUDA device", allow_module_level=True)
 
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
+import lightning as L  # noqa: E402
+import numpy as np  # noqa: E402
+
+from src.idx import IDX_FILES, load_split, prepare_files  # noqa: E402
+from src.inference import load_model  # noqa: E402
+from src.train import train  # noqa: E402
+from tests.conftest import FASHION, compose_train, entry_env, needs_fashion, real_digits, write_idx  # noqa: E402
+from tests.test_predict import as_users_picture, parse  # noqa: E402
+from tests.test_reliability import final_weights, interrupt_at_step  # noqa: E402
+
+pytestmark = pytest.mark.cuda
 
 ACCURACY_BAND = 0.86  # Fashion-MNIST, 5 epochs: the CPU's runs gave 0.8636 to 0.8806 (README, Results)
 BAR_EVERY = 20  # KerasProgressBar's refresh rate: it reads the running metrics every 20 steps
