@@ -110,11 +110,11 @@ def prepare(folder: Path) -> None:
 
 
 def write_idx(path: Path, array) -> None:
-    """A uint8 array as a gzip'd IDX file, as MNIST ships them."""
+    """A uint8 array as an IDX file, gzip'd when the name ends in .gz, as MNIST ships them."""
     import numpy as np
 
     header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    with gzip.open(path, "wb") as f:
+    with (gzip.open if path.suffix == ".gz" else open)(path, "wb") as f:
         f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
 
 
@@ -128,13 +128,15 @@ def read_idx(path: Path):
     return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def tiny_fashion(source: Path, folder: Path) -> Path:
-    """The first of Fashion-MNIST's training and test images (TINY), for the CPU rehearsal."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for prefix, n in zip(("train", "t10k"), TINY):
+def timing_data(source: Path, folder: Path, images: tuple[int, int] | None = None) -> Path:
+    """A data folder holding Fashion-MNIST as the data module leaves it (FashionMNIST/raw, unpacked), so that
+    every timed process finds it ready; `images`: only the first (training, test) images."""
+    raw = folder / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in zip(("train", "t10k"), images or (None, None)):
         for kind in ("images-idx3", "labels-idx1"):
-            name = f"{prefix}-{kind}-ubyte.gz"
-            write_idx(folder / name, read_idx(source / name)[:n])
+            name = f"{prefix}-{kind}-ubyte"
+            write_idx(raw / name, read_idx(source / f"{name}.gz")[:n])
     return folder
 
 
@@ -283,8 +285,8 @@ def check(mode: str, prepared: Path, out: Path) -> int:
         return 1
     results["tests"] = cuda_tests(prepared, out)
     with tempfile.TemporaryDirectory() as tmp:
-        fashion = prepared / "data" / "fashion-mnist"
-        results["timings"] = timings(tiny_fashion(fashion, Path(tmp) / "tiny") if cpu else fashion, cpu)
+        data = timing_data(prepared / "data" / "fashion-mnist", Path(tmp) / "data", TINY if cpu else None)
+        results["timings"] = timings(data, cpu)
     picked = {r["accelerator"] for r in results["timings"] if r["returncode"] == 0}
     results["host"]["accelerator=auto"] = ", ".join(sorted(picked)) or "unknown: no timing ran"
     results["seconds"] = time.perf_counter() - started
