@@ -51,7 +51,7 @@ class CompileTime(L.Callback):
     def __init__(self):
         self.first_step: float | None = None  # seconds
         self.later_steps, self.later_time = 0, None  # the rest of the epoch: steps and seconds
-        self._started = self._first_done = None
+        self._started = self._first_done = self._first_global_step = None
 
     @staticmethod
     def _now(pl_module) -> float:
