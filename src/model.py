@@ -56,10 +56,10 @@ class MNISTClassifier(L.LightningModule):
         loss = F.cross_entropy(logits, y)
         labels = y.argmax(dim=1)
         mean_loss, accuracy = self._metrics(stage)
-        # The batch's mean counted once per image, so that the epoch's mean is per image (a short last
-        # batch weighs less), as Keras reports it. Not `weight=len(x)`: MeanMetric ignores weights with
-        # nan_strategy="disable", and a Python number becomes a host-to-device copy on a GPU, every step.
-        mean_loss.update(loss.detach().expand(len(x)))
+        # No weight=len(x): torchmetrics 1.9 ignores it under nan_strategy="disable" (the epoch's loss is
+        # the mean of the batch means either way), and on a GPU the Python number was copied from the host,
+        # with a wait, every step.
+        mean_loss.update(loss.detach())
         accuracy.update(logits.detach(), labels)
         if stage == "test":
             self.confusion.update(logits.detach(), labels)
