@@ -6,6 +6,10 @@
                                           # then the start-up and exit of what each imports, in a venv
                                           # holding only the project's base dependencies (.benchmarks/base-venv)
     python bench/speed.py --quick         # a few seconds, on generated data (what the test runs)
+    python bench/speed.py --mode device --precision bf16-mixed --compile
+                                          # the project's real run on accelerator=auto (a GPU), data on the
+                                          # device, alternating with a hand-written loop on the same tensors
+                                          # (bench/gpu_check.sh runs each variant in a process of its own)
 
 Data: Fashion-MNIST from /usr/share/datasets/fashion-mnist when present (MNIST's shapes),
 else generated tensors of MNIST's size. Timings on a shared machine are noisy: compare the
@@ -15,6 +19,7 @@ ratios, which are measured under the same conditions.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -54,31 +59,47 @@ def torch_rmsprop(parameters):
 
 
 class HandWrittenLoop:
-    """The baseline: the few lines anyone would write in plain PyTorch for the Keras program."""
+    """The baseline: the few lines anyone would write in plain PyTorch for the Keras program, on the
+    device that holds x and y, at bf16 under autocast for precision="bf16-mixed", compiled as
+    model.compile=true compiles the project's network."""
 
-    def __init__(self, x, y, batch_size: int = 128, seed: int = 0):
+    def __init__(self, x, y, batch_size: int = 128, seed: int = 0, hidden: int = 512, precision: str = "32",
+                 compile: bool = False):
         import torch
         from torch import nn
 
         torch.manual_seed(seed)
-        self.model = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 10))
+        self.model = nn.Sequential(nn.Linear(784, hidden), nn.ReLU(), nn.Linear(hidden, 10)).to(x.device)
+        if compile:
+            self.model.compile(dynamic=True)
         self.optimizer = torch_rmsprop(self.model.parameters())
         self.x, self.y, self.batch_size, self.epoch = x, y, batch_size, 0
+        self.bf16 = precision == "bf16-mixed"
 
     def run_epoch(self) -> float:
         import torch
         import torch.nn.functional as F
 
         start = time.perf_counter()
-        order = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.epoch))
+        order = torch.randperm(len(self.x), generator=torch.Generator().manual_seed(self.epoch)).to(self.x.device)
         for i in range(0, len(self.x), self.batch_size):
             index = order[i : i + self.batch_size]
-            loss = F.cross_entropy(self.model(self.x[index]), self.y[index])
+            with torch.autocast(self.x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                loss = F.cross_entropy(self.model(self.x[index]), self.y[index])
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
         self.epoch += 1
+        synchronize(self.x.device)
         return time.perf_counter() - start
+
+
+def synchronize(device) -> None:
+    """Wait for the work queued on a GPU, so that a clock read after it times that work too."""
+    import torch
+
+    if device.type in ("cuda", "mps"):
+        getattr(torch, device.type).synchronize()
 
 
 def step_profile(x, y, epochs: int = 2) -> dict[str, float]:
@@ -115,24 +136,41 @@ def step_profile(x, y, epochs: int = 2) -> dict[str, float]:
     return parts
 
 
-def alternate_with_hand_loop(x, y, fit) -> tuple[list[float], list[float]]:
+def alternate_with_hand_loop(x, y, fit, make_hand=None, hand_after: bool = False) -> tuple[list[float], list[float]]:
     """Run `fit(callback)`; before each of its epochs the callback runs one hand-written epoch,
-    so that both are timed A/B/A/B under the same conditions. Returns (hand, fit) epoch times."""
+    so that both are timed A/B/A/B under the same conditions. Returns (hand, fit) epoch times.
+
+    `make_hand(trainer)` builds the hand-written loop when training starts (default: on x and y).
+    `hand_after`: each hand-written epoch follows the run's epoch instead, so that the run's first
+    step is the first to compile the network when both are compiled."""
     import lightning as L
 
-    hand = HandWrittenLoop(x, y)
+    hand = None
     hand_times, fit_times = [], []
 
     class Interleave(L.Callback):
-        def on_train_epoch_start(self, trainer, pl_module):
-            now = time.perf_counter()
-            if hasattr(self, "started"):
-                fit_times.append(now - self.started)
+        started = None
+
+        def hand_epoch(self, trainer):
+            nonlocal hand
+            if hand is None:
+                hand = make_hand(trainer) if make_hand else HandWrittenLoop(x, y)
             hand_times.append(hand.run_epoch())
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            synchronize(trainer.strategy.root_device)
+            now = time.perf_counter()
+            if self.started is not None:
+                fit_times.append(now - self.started)
+            if self.started is not None or not hand_after:
+                self.hand_epoch(trainer)
             self.started = time.perf_counter()
 
         def on_train_end(self, trainer, pl_module):
+            synchronize(trainer.strategy.root_device)
             fit_times.append(time.perf_counter() - self.started)
+            if hand_after:
+                self.hand_epoch(trainer)
 
     fit(Interleave())
     return hand_times, fit_times
@@ -200,6 +238,46 @@ def epoch_mode(args) -> dict:
     medians = {name: (statistics.median(hand[1:]), statistics.median(other[1:])) for name, (hand, other) in runs.items()}
     return dict(source=source, epochs=args.epochs, steps=-(-len(x) // 128), runs=runs, medians=medians,
                 profile=step_profile(x, y))
+
+
+def device_mode(args) -> dict:
+    """The project's real run (`src.train.train` on accelerator=auto, the data read from files and put on
+    the device by the data module), each of its epochs followed by a hand-written epoch on the same device
+    tensors, at the same precision, compiled or not alike. Returns the epoch times and the run's figures."""
+    import lightning as L
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from src.callbacks import CompileTime
+    from src.train import train
+
+    overrides = ["data=fashion_mnist", f"data.data_dir={args.data}", f"trainer.max_epochs={args.epochs}",
+                 f"model.hidden={args.hidden}", f"trainer.precision={args.precision}",
+                 f"model.compile={str(args.compile).lower()}"]
+    figures = {}
+
+    def make_hand(trainer):
+        x, y = trainer.datamodule.train_xy
+        figures.update(device=str(x.device), images=len(x), steps=-(-len(x) // 128),
+                       accelerator=f"{type(trainer.accelerator).__name__} on {trainer.strategy.root_device}")
+        return HandWrittenLoop(x, y, hidden=args.hidden, precision=args.precision, compile=args.compile)
+
+    class Figures(L.Callback):
+        def on_train_end(self, trainer, pl_module):
+            [timer] = [c for c in trainer.callbacks if isinstance(c, CompileTime)] or [None]
+            figures["first_step_s"] = timer.first_step if timer else None
+
+    def fit(callback):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"), \
+                tempfile.TemporaryDirectory() as run_dir:
+            figures["test_acc"] = train(compose("train", overrides=overrides), run_dir, callbacks=(callback, Figures()))
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    hand, project = alternate_with_hand_loop(None, None, fit, make_hand, hand_after=True)
+    figures.update(hand_epochs=hand, project_epochs=project,
+                   peak_gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None)
+    return figures
 
 
 BASE_VENV = ROOT / ".benchmarks" / "base-venv"
@@ -288,7 +366,7 @@ def startup_times(python: str, repeats: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=("epoch", "process"), default="epoch")
+    parser.add_argument("--mode", choices=("epoch", "process", "device"), default="epoch")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3, help="process mode: runs of each command")
     parser.add_argument("--quick", action="store_true", help="small and fast: generated data, 3 epochs")
@@ -296,6 +374,11 @@ def main() -> None:
                         "(one that has TensorFlow)")
     parser.add_argument("--python", help="process mode: the Python that runs the project and the plain script "
                         f"(default: a venv with the base dependencies alone, {BASE_VENV.relative_to(ROOT)})")
+    parser.add_argument("--data", default=str(FASHION), help="device mode: a folder holding Fashion-MNIST's files")
+    parser.add_argument("--precision", choices=("32", "bf16-mixed"), default="32", help="device mode: trainer.precision")
+    parser.add_argument("--compile", action="store_true", help="device mode: model.compile=true")
+    parser.add_argument("--hidden", type=int, default=512, help="device mode: model.hidden")
+    parser.add_argument("--json", help="device mode: also write the figures to this file")
     args = parser.parse_args()
     if args.quick:
         args.epochs, args.repeats = 3, 1
@@ -303,7 +386,20 @@ def main() -> None:
 
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, python {platform.python_version()}")
-    if args.mode == "epoch":
+    if args.mode == "device":
+        r = device_mode(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(r, indent=1))
+        hand, project = statistics.median(r["hand_epochs"][1:]), statistics.median(r["project_epochs"][1:])
+        print(f"# {r['device']}, {r['images']} images, {r['steps']} steps per epoch, {args.epochs} epochs, "
+              f"trainer.precision={args.precision}, model.compile={str(args.compile).lower()}; medians without epoch 1")
+        print("| training loop | s / epoch | steps / s |\n|---|---|---|")
+        print(f"| hand-written PyTorch | {hand:.3f} | {r['steps'] / hand:.0f} |")
+        print(f"| project | {project:.3f} | {r['steps'] / project:.0f} |")
+        print(f"# ratio {project / hand:.2f}; test_acc {r['test_acc']:.4f}; first step "
+              + (f"{r['first_step_s']:.2f} s" if r["first_step_s"] is not None else "not timed (model.compile=false)")
+              + (f"; peak GPU memory {r['peak_gpu_mb']:.0f} MiB" if r["peak_gpu_mb"] is not None else ""))
+    elif args.mode == "epoch":
         r = epoch_mode(args)
         hand_all = [t for hand, _ in r["runs"].values() for t in hand[1:]]
         print(f"# {r['source']}, batch 128, {r['steps']} steps per epoch, {r['epochs']} epochs, medians without epoch 1")

@@ -1,5 +1,6 @@
 """Lightning extensions the training run uses: a Keras-like progress bar, a checkpoint on
-Ctrl-C/SIGTERM, checkpoint files that are never left half-written, and every epoch's validation figures."""
+Ctrl-C/SIGTERM, checkpoint files that are never left half-written, every epoch's validation figures,
+and the compile time."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import lightning as L
@@ -14,6 +16,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from src.atomic import replaced_in_one_step, writing
@@ -37,6 +40,43 @@ class KerasProgressBar(TQDMProgressBar):
         if trainer.training:
             metrics.update({k: f"{v:.4f}" for k, v in pl_module.running_metrics("train").items()})
         return metrics
+
+
+class CompileTime(L.Callback):
+    """With model.compile, report the first training step, which compiles the network, apart from the
+    steps after it in the same epoch. (Lightning's Timer callback times stages and epochs, not a step.)
+
+    The device is synchronised only around the first step and at the end of that epoch, so that
+    the times include the queued GPU work without adding a wait to every step.
+    """
+
+    def __init__(self):
+        self.first_step: float | None = None  # seconds
+        self.later_steps, self.later_time = 0, None  # the rest of the epoch: steps and seconds
+        self._started = self._first_done = self._first_global_step = None
+
+    @staticmethod
+    def _now(pl_module) -> float:
+        if pl_module.device.type in ("cuda", "mps"):
+            getattr(torch, pl_module.device.type).synchronize()
+        return time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._started is None:
+            self._started = self._now(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.first_step is None:
+            self._first_done = self._now(pl_module)
+            self.first_step = self._first_done - self._started
+            self._first_global_step = trainer.global_step
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self.first_step is not None and self.later_time is None:
+            self.later_time = self._now(pl_module) - self._first_done
+            self.later_steps = trainer.global_step - self._first_global_step
+            rank_zero_info(f"model.compile: the first step took {self.first_step:.2f} s (compiling the network), "
+                           f"the next {self.later_steps} steps {self.later_time:.2f} s")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -43,6 +43,7 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     hidden: int = 512
+    compile: bool = False  # compile the network with torch.compile (nn.Module.compile, in place)
 
     def __post_init__(self) -> None:
         _check(self.hidden > 0, "model.hidden", self.hidden, "expected a positive integer")

@@ -60,7 +60,10 @@ class MNISTClassifier(L.LightningModule):
         loss = F.cross_entropy(logits, y)
         labels = y.argmax(dim=1) if y.ndim == 2 else y
         mean_loss, accuracy = self._metrics(stage)
-        mean_loss.update(loss.detach(), weight=len(x))
+        # No weight=len(x): torchmetrics 1.9 ignores it under nan_strategy="disable" (the epoch's loss is
+        # the mean of the batch means either way), and on a GPU the Python number was copied from the host,
+        # with a wait, every step.
+        mean_loss.update(loss.detach())
         accuracy.update(logits.detach(), labels)
         if stage == "test":
             self.confusion.update(logits.detach(), labels)

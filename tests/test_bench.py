@@ -4,12 +4,17 @@ only that the table is computed from them as it says)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
+import site
 import statistics
 import subprocess
 import sys
+import tempfile
+import venv
 from ast import literal_eval
+from pathlib import Path
 
 import pytest
 
@@ -50,3 +55,65 @@ def test_quick_process_benchmark_reports_both_processes_and_start_up():
         assert re.search(rf"^\| {name} \| \d+\.\d+ \| \d+ \| test_loss: \d", result.stdout, re.M), result.stdout
     assert re.search(r"^# ratio project / plain: \d+\.\d+$", result.stdout, re.M)
     assert re.search(r"^\| the same and what src\.train adds .*\| \d+\.\d+ \| [+-]\d+\.\d+ \|$", result.stdout, re.M)
+
+
+HIDE_HYDRA = """\"\"\"Hydra's packages hidden in the borrowed site folder: importable only from elsewhere on sys.path.\"\"\"
+import importlib.machinery, sys
+
+class HideHydra:
+    @staticmethod
+    def find_spec(name, path=None, target=None):
+        if path is None and name in ("hydra", "omegaconf", "antlr4", "hydra_plugins"):
+            elsewhere = [entry for entry in sys.path if entry != {borrowed!r}]
+            spec = importlib.machinery.PathFinder.find_spec(name, elsewhere)
+            if spec is None:
+                raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+            return spec
+
+sys.meta_path.insert(0, HideHydra)
+"""
+
+
+def python_without_hydra(folder: Path) -> Path:
+    """A Python with this one's packages but hydra-core, omegaconf and antlr4 (and Hydra's plugins), as the
+    GPU host's: a virtual environment that borrows this one's site folder, where it cannot see those.
+    (The packages keep their paths, so torch.compile finds what it compiled for this Python in its cache.)"""
+    venv.create(folder, with_pip=False)
+    [own] = Path(folder).glob("lib/python*/site-packages")
+    borrowed = site.getsitepackages()[0]
+    (own / "hide_hydra.py").write_text(HIDE_HYDRA.format(borrowed=borrowed))
+    (own / "borrowed.pth").write_text(f"{borrowed}\nimport hide_hydra\n")
+    return folder / "bin" / "python"
+
+
+@pytest.mark.slow
+def test_gpu_check_rehearses_end_to_end_on_a_cpu(tmp_path):
+    """`bash bench/gpu_check.sh --cpu`: the GPU host's check on tiny data, from a Python without hydra (the
+    host's has none: the check installs the prepared wheels for itself), so that it cannot rot between runs."""
+    if not (ROOT / ".gpu" / "manifest.json").is_file():  # what the check brings to the host: wheels from PyPI, the data
+        prepared = subprocess.run(["bash", "bench/gpu_check.sh", "--prepare"], cwd=ROOT, capture_output=True, text=True,
+                                  timeout=600, env={**os.environ, "PYTHON": sys.executable})
+        assert prepared.returncode == 0, (prepared.stdout + prepared.stderr)[-3000:]
+    python = python_without_hydra(tmp_path / "venv")
+    assert subprocess.run([python, "-c", "import torch, lightning, hydra"], capture_output=True).returncode == 1
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    out = tmp_path / "out"
+    done = subprocess.run(["bash", "bench/gpu_check.sh", "--cpu", str(out)], cwd=ROOT, env={**env, "PYTHON": str(python)},
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert sorted(p.name for p in out.iterdir()) == ["check.log", "junit.xml", "results.json", "results.md"]
+    results = json.loads((out / "results.json").read_text())
+    assert Path(results["host"]["hydra from"]).is_relative_to(tempfile.gettempdir())  # the wheels, for this run
+    assert results["host"]["accelerator=auto"] == "CPUAccelerator on cpu"
+    assert results["tests"]["outcomes"] == {"tests.test_cuda": "skipped"}  # no CUDA here: the module is skipped
+    timings = {(r["precision"], r["compile"]): r for r in results["timings"]}
+    assert list(timings) == [("32", False), ("bf16-mixed", False), ("32", True)]
+    for (precision, compiled), row in timings.items():
+        assert row["returncode"] == 0 and row["images"] == 2048 and row["steps_per_epoch"] == 16
+        assert len(row["project_epochs"]) == len(row["hand_epochs"]) == 5
+        assert (row["first_step_s"] is not None) == compiled
+    table = (out / "results.md").read_text()
+    assert "(a CPU rehearsal on tiny data, not GPU figures)" in table
+    for precision, compiled in timings:
+        assert re.search(rf"^\| {precision} \| {str(compiled).lower()} \| \d+\.\d+ \| \d+ \| \d+\.\d+ \| \d+ \| "
+                         r"\d+\.\d+ \|", table, re.M), table

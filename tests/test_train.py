@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -15,7 +17,7 @@ from src.errors import UserError
 from src.data import MNISTDataModule
 from src.model import MNISTClassifier
 from src.train import train
-from tests.conftest import ROOT, compose_train, logged, needs_fashion
+from tests.conftest import ROOT, compose_config, compose_train, logged, needs, needs_fashion
 
 LINE = re.compile(r"^test_loss: (\d+\.\d+) test_acc: (\d+\.\d+)$", re.M)
 LINE_WITH_EPOCH = re.compile(r"^test_loss: \d+\.\d+ test_acc: \d+\.\d+ (\(best epoch \d+ of \d+\))$", re.M)
@@ -196,6 +198,43 @@ def test_bad_values_are_refused_before_anything_runs(tmp_path, override, key):
     with pytest.raises(UserError, match=re.escape(key)):
         train(compose_train(override, f"data.data_dir={tmp_path / 'never-created'}"), tmp_path / "run")
     assert not (tmp_path / "never-created").exists() and not (tmp_path / "run").exists()
+
+
+def test_compiled_network_trains_and_its_checkpoint_loads_everywhere(tiny_data, tmp_path, caplog, capsys):
+    """model.compile=true: the first step (the compiling) is reported apart from the others, and the
+    checkpoint has the uncompiled network's keys, so predict, the page and export read it unchanged."""
+    needs(shutil.which(os.environ.get("CXX", "g++")) is not None, "model.compile on the CPU needs g++ (apt-get install g++)")
+    cfg = compose_train(f"data.data_dir={tiny_data}", "trainer.max_epochs=1", "trainer.accelerator=cpu",
+                        "data.batch_size=64", "model.hidden=32", "model.compile=true")
+    with caplog.at_level(logging.INFO):
+        assert train(cfg, tmp_path / "run") > 0.5
+    timed = re.search(r"model\.compile: the first step took (\d+\.\d+) s \(compiling the network\), "
+                      r"the next 9 steps (\d+\.\d+) s", caplog.text)
+    assert timed, caplog.text[-2000:]
+    assert float(timed[1]) > 2 * float(timed[2]) / 9, "compiling makes the first step far slower than the others"
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    keys = [k for k in torch.load(checkpoint, weights_only=True)["state_dict"] if k.startswith("net.")]
+    assert keys == [f"net.{k}" for k in MNISTClassifier(hidden=32).net.state_dict()]
+
+    from src.export import export
+    from src.inference import load_model
+    from src.predict import predict
+
+    [result] = predict(compose_config("predict", f"ckpt_path={checkpoint}", "idx=0"), tmp_path / "predicted")
+    assert int(result.probabilities.argmax()) == result.label
+    page = load_model(checkpoint)  # as the page loads it
+    torch.testing.assert_close(page.probabilities(result.image[None])[0], result.probabilities)
+    export(compose_config("export", f"ckpt_path={checkpoint}", "format=torchscript", f"out={tmp_path / 'model.pt'}"))
+    assert "same class for 200/200" in capsys.readouterr().out
+
+
+def test_compiling_without_a_cpu_compiler_is_one_clear_error(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler")
+    cfg = compose_train(f"data.data_dir={tiny_data}", "trainer.accelerator=cpu", "model.compile=true")
+    with pytest.raises(UserError, match=r"model\.compile=true is not valid on this machine: .*C\+\+ compiler, "
+                                        r"and no-such-compiler was not found"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 @pytest.mark.slow
