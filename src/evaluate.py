@@ -129,9 +129,9 @@ def _score(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: i
             out = net(xb)
             loss = F.cross_entropy(out, yb)  # against the one-hot targets, as in training
             out, labels = out.cpu(), yb.argmax(dim=1).cpu()
-            # The LightningModule's own call, so that the two agree whatever torchmetrics makes of it: 1.9 drops
-            # the weight under nan_strategy="disable" (torchmetrics issue 3434), so both take the batch means' mean.
-            mean_loss.update(loss.cpu(), weight=len(xb))
+            # The LightningModule's own call, so that the two agree: the epoch's loss is the batch means' mean
+            # (torchmetrics 1.9 would ignore a weight under nan_strategy="disable", issue 3434).
+            mean_loss.update(loss.cpu())
             accuracy.update(out, labels)
             confusion.update(out, labels)
             logits.append(out)
