@@ -30,7 +30,7 @@ def run(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("module, key, schema, valid", [
     ("src.tune", "hparams_search.bogus", "SearchConfig", "study_name, n_trials, seed, pruner, params, storage"),
     ("src.tune", "hparams_search.pruner.bogus", "PrunerConfig", "n_startup_trials, n_warmup_steps"),
-    ("src.train", "data.bogus", "DataConfig", "name, data_dir, batch_size, val_size"),
+    ("src.train", "data.bogus", "DataConfig", "name, data_dir, batch_size, val_size, labels"),
 ])
 def test_an_unknown_key_gets_the_valid_keys_of_its_schema(tmp_path, module, key, schema, valid):
     result = run(module, f"{key}=1", cwd=tmp_path)
@@ -45,7 +45,7 @@ def interrupt_when(process: subprocess.Popen, ready: Path, timeout: float = 120)
     while not ready.exists():
         assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
         time.sleep(0.2)
-    time.sleep(0.3)
+    time.sleep(0.1)
     process.send_signal(signal.SIGINT)
     return process.communicate(timeout=120)
 
@@ -57,8 +57,9 @@ def printed_command(err: str) -> list[str]:
     return words[2:]
 
 
-# 600 tiny images in batches of 4: 150 steps an epoch; stopped in the second epoch, after its checkpoint.
-SLOW = ("data.batch_size=4", "model.hidden=16", "trainer.max_epochs=2", "trainer.enable_progress_bar=False")  # as a sweep job spells it
+# 600 tiny images one at a time: 600 steps an epoch, half a second or more, so that Ctrl-C sent just after
+# the first epoch's checkpoint stops the run before its end.
+SLOW = ("data.batch_size=1", "model.hidden=16", "trainer.max_epochs=3", "trainer.enable_progress_bar=False")  # as a sweep job spells it
 
 
 @pytest.mark.slow
@@ -70,7 +71,7 @@ def test_an_interrupted_run_or_sweep_job_resumes_with_the_printed_command(tiny_d
     _, err = interrupt_when(process, checkpoint)
     assert process.returncode == 1
     saved = torch.load(checkpoint, weights_only=True)["global_step"]
-    assert 150 < saved < 300  # stopped within the second epoch
+    assert 600 <= saved < 1800  # stopped after the first epoch, before the last one ended
     command = printed_command(err)
     assert command == ["src.train", f"data.data_dir={tiny_data}", *SLOW, f"ckpt_path={checkpoint}"]
 
@@ -78,10 +79,10 @@ def test_an_interrupted_run_or_sweep_job_resumes_with_the_printed_command(tiny_d
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Restoring states from the checkpoint path at {checkpoint}" in resumed.stdout + resumed.stderr
     [folder] = (tmp_path / "outputs").glob("*/*")
-    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 300
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1800
     with open(folder / "metrics.csv", newline="") as f:
-        trained = {row["epoch"] for row in csv.DictReader(f) if row["train/loss"]}
-    assert trained == {"1"}  # only the epoch it was stopped in
+        trained = {int(row["epoch"]) for row in csv.DictReader(f) if row["train/loss"]}
+    assert trained == set(range(saved // 600, 3))  # the epoch it was stopped in, and those after it
 
 
 @pytest.mark.slow
@@ -90,7 +91,7 @@ def test_an_interrupted_trial_prints_the_search_command_which_continues_the_stud
 
     study_dir = tmp_path / "study"
     args = [f"data.data_dir={tiny_data}", "data.val_size=100", *SLOW, "hparams_search.n_trials=2",
-            "hparams_search.params.data.batch_size.choices=[4]",
+            "hparams_search.params.data.batch_size.choices=[1]",
             "hparams_search.params.optimizer.lr.high=1e-3", f"hydra.run.dir={study_dir}"]
     process = start("src.tune", *args, cwd=tmp_path)
     _, err = interrupt_when(process, study_dir / "trial_0" / "checkpoints" / "last.ckpt")
