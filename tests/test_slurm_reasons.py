@@ -67,12 +67,15 @@ def test_a_request_that_does_not_fit_says_what_to_change(reason, said):
 
 
 def test_sinfo_lines_are_read_per_partition_with_the_default_one_marked(monkeypatch):
-    import hydra_plugins.keras_mnist_slurm.pending as pending
-
     # sinfo -h -N -o "%P|%N|%t|%c|%m|%G|%l", as a GPU cluster answers (the test cluster's one line is
     # "debug*|localhost|idle|2|21694|(null)|infinite").
     lines = ["gpu*|g0|mix|64|512000|gpu:a100:4(S:0-1)|2-00:00:00", "gpu*|g1|drain*|32|256000|gpu:8|2-00:00:00",
              "cpu|c0|idle|128|1024000|(null)|infinite"]
+    # Imported here, not at the top: Hydra's plugin scan, run by any earlier test that composes a config, runs
+    # this module again, and the names imported before it would be the first run's classes and functions.
+    from hydra_plugins.keras_mnist_slurm import pending
+    from hydra_plugins.keras_mnist_slurm.pending import Cluster, Partition, cannot_start
+
     monkeypatch.setattr(pending, "_run", lambda command: lines if command[0] == "sinfo" else [])
     cluster = Cluster()
     assert cluster.partition(None) == cluster.partition("gpu") == Partition(
