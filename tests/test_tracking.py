@@ -32,7 +32,7 @@ def expected_params(data: Path, store: Path) -> dict:
     "data.val_size=100") composes it: its settings, and the defaults of conf/ for the rest."""
     return {
         "data.name": "mnist", "data.data_dir": str(data), "data.batch_size": 64, "data.val_size": 100,
-        "model.hidden": 32,
+        "data.labels": "one_hot", "model.hidden": 32, "model.compile": False,
         "optimizer.name": "rmsprop", "optimizer.lr": 0.001, "optimizer.rho": 0.9, "optimizer.eps": 1e-07,
         "optimizer.momentum": 0.0, "optimizer.beta1": 0.9, "optimizer.beta2": 0.999,
         "trainer.accelerator": "cpu", "trainer.devices": 1, "trainer.strategy": "auto", "trainer.num_nodes": 1,
