@@ -87,6 +87,15 @@ def run_reporting_imports(module: str, *args: str, cwd: Path, watched=("lightnin
                           timeout=300)
 
 
+def ctrl_c_as_in_a_terminal() -> None:
+    """preexec_fn of a process that a test stops with SIGINT, as Ctrl-C in a terminal does: SIGINT's default
+    action, on which Python installs its KeyboardInterrupt handler. (A test run started in the background of a
+    non-interactive shell inherits SIGINT ignored, and the process would never hear it.)"""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now, for a server a test starts."""
     import socket

@@ -23,7 +23,8 @@ from src.errors import UserError
 from src.inference import LoadedModel
 from src.pictures import MAX_PIXELS, open_picture, prepare_picture, read_image
 from src.network import build_mlp
-from tests.conftest import REAL_TRAIN, ROOT, compose_config, entry_env, free_port, needs, real_digits
+from tests.conftest import (REAL_TRAIN, ROOT, compose_config, ctrl_c_as_in_a_terminal, entry_env, free_port, needs,
+                            real_digits)
 
 CHROMIUM = Path("/usr/bin/chromium")
 # APP_SCREENSHOT=docs/app.png python -m pytest tests/test_app.py -k browser: also puts the browser test's
@@ -231,7 +232,8 @@ def test_the_command_serves_on_the_url_it_prints_and_refuses_a_port_in_use(tmp_p
     save_checkpoint(any_model.net, tmp_path / "any.ckpt")
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "src.app", "ckpt_path=any.ckpt", f"port={port}"], cwd=tmp_path,
-                              env=app_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              env=app_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=ctrl_c_as_in_a_terminal)
     try:
         deadline = time.time() + 180
         while True:

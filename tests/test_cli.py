@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import entry_env
+from tests.conftest import ctrl_c_as_in_a_terminal, entry_env
 
 
 def start(module: str, *args: str, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=entry_env(), stdout=subprocess.PIPE,
+                            preexec_fn=ctrl_c_as_in_a_terminal,
                             stderr=subprocess.PIPE, text=True)
 
 

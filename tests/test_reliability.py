@@ -23,7 +23,7 @@ from src.errors import UserError, one_line
 from src.idx import IDX_FILES, DataError, load_split, prepare_files, raw_folder
 from src.model import DivergedError, MNISTClassifier
 from src.train import train
-from tests.conftest import ROOT, compose_train, entry_env, needs_fashion, write_dataset, write_idx
+from tests.conftest import ROOT, compose_train, ctrl_c_as_in_a_terminal, entry_env, needs_fashion, write_dataset, write_idx
 
 EPOCHS, BATCH = 3, 64  # tiny data: 600 images -> 10 steps per epoch
 LINE = re.compile(r"^test_loss: \S+ test_acc: \S+$", re.M)
@@ -110,7 +110,8 @@ def test_signal_to_a_real_run_saves_the_step_it_reached_and_resumes_to_the_unint
     data, straight, straight_line = uninterrupted
     run, out = tmp_path / "run", tmp_path / "out.txt"
     with open(out, "w") as stdout, open(tmp_path / "err.txt", "w") as stderr:
-        process = subprocess.Popen(train_command(data, run), cwd=tmp_path, env=entry_env(), stdout=stdout, stderr=stderr)
+        process = subprocess.Popen(train_command(data, run), cwd=tmp_path, env=entry_env(), stdout=stdout, stderr=stderr,
+                                   preexec_fn=ctrl_c_as_in_a_terminal)
     try:
         # The progress bar (on stdout, every 20 steps) shows the epoch under way: the signal comes near its
         # start, over a thousand steps before its end, so the run stops in the middle of the epoch.
