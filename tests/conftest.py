@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import functools
-import gzip
 import importlib.util
 import os
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
 from hydra import compose, initialize_config_dir
 
+from src.offline_digits import write_idx  # noqa: F401 - the tests' IDX writer is the project's
 import src.config  # noqa: F401 - registers the config schema with Hydra
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,15 +19,6 @@ CONF = ROOT / "conf"
 # Where the data is; bench/gpu_check.sh points these at the copies it brings to a GPU host.
 FASHION = Path(os.environ.get("FASHION_MNIST_DIR") or "/usr/share/datasets/fashion-mnist")
 REAL_TRAIN = 4000  # of the 5,000 real digits, the tests train on this many; the other 1,000 are held out
-
-
-def write_idx(path: Path, array: np.ndarray) -> Path:
-    """Write a uint8 array as an IDX file (gzip'd when the name ends in .gz), as MNIST ships them."""
-    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "wb") as f:
-        f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
-    return path
 
 
 def make_digits(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
