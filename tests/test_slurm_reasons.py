@@ -3,7 +3,8 @@ the launcher then tells the user to change (hydra_plugins/keras_mnist_slurm/pend
 
 tests/test_slurm.py shows PartitionConfig, Resources and sbatch's refusal on the real test
 cluster; the other reasons, which that one-node cluster cannot produce (several partitions, QOS
-limits, GPUs), are given here as squeue words them, with sinfo's view of the partition.
+limits, GPUs), are given here as squeue words them, with sinfo's view of the partition. Last, the
+line for a job that returned no result, from submitit's own exceptions.
 """
 
 from __future__ import annotations
@@ -84,3 +85,35 @@ def test_sinfo_lines_are_read_per_partition_with_the_default_one_marked(monkeypa
     assert cannot_start("PartitionConfig", "cpu", REQUEST, cluster) == (
         "it asks for 8 GPUs a node (hydra.launcher.gpus_per_node=8) and partition cpu's nodes have at most 0; "
         "ask for less, or choose another hydra.launcher.partition")
+
+
+def test_a_job_that_failed_outside_its_task_says_what_failed_not_that_it_ended():
+    """submitit's FailedJobError (the job's code raised outside the task, say importing it) is an
+    UncompletedJobError too: it gets its own line, the traceback's last, not "ended without returning"."""
+    import traceback
+    from types import SimpleNamespace
+
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    from hydra_plugins.keras_mnist_slurm import _why_no_result
+
+    try:
+        import src.no_such_module  # noqa: F401
+    except ImportError:
+        trace = traceback.format_exc()
+    paths = SimpleNamespace(stderr="/sweep/.submitit/7/7_0_log.err", stdout="/sweep/.submitit/7/7_0_log.out")
+    job = SimpleNamespace(job_id="7", state="FAILED", paths=paths, stderr=lambda: "")
+    # Worded as submitit's Job.exception() words it.
+    failure = FailedJobError(f"Job (task=0) failed during processing with trace:\n----------------------\n{trace}\n"
+                             "----------------------\nYou can check full logs with 'job.stderr(0)' and 'job.stdout(0)'"
+                             f"or at paths:\n  - {paths.stderr}\n  - {paths.stdout}")
+    error = _why_no_result(job, failure)
+    assert type(error) is FailedJobError
+    assert str(error) == f"SLURM job 7 failed: ModuleNotFoundError: No module named 'src.no_such_module' (log: {paths.stderr})"
+
+    job.state = "TIMEOUT"
+    job.stderr = lambda: "train images (600, 784)\nInterrupted in epoch 3 after 41 steps; saved /run/last.ckpt\n"
+    error = _why_no_result(job, UncompletedJobError("Job 7 (task: 0) with path ... has not produced any output"))
+    assert type(error) is UncompletedJobError
+    assert str(error) == ("SLURM job 7 ended TIMEOUT without returning: Interrupted in epoch 3 after 41 steps; saved "
+                          f"/run/last.ckpt (log: {paths.stderr})")

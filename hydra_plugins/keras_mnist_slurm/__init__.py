@@ -153,17 +153,12 @@ class SlurmLauncher(SubmititSlurmLauncher or object):
         return cancelled
 
     def _result(self, job: Any, overrides: Sequence[str], num: int) -> JobReturn:
-        from submitit.core.utils import FailedJobError, UncompletedJobError
+        from submitit.core.utils import UncompletedJobError
 
         try:
             return job.results()[0]  # the first task's JobReturn, as the plugin returns
-        except UncompletedJobError:
-            error = UncompletedJobError(f"SLURM job {job.job_id} ended {job.state} without returning{_last_words(job)}"
-                                        f" (log: {job.paths.stderr})")
-        except FailedJobError as failure:  # the job's own code failed outside the task (say, importing it)
-            lines = [line for line in str(failure).splitlines() if line.strip() and not line.startswith("-")]
-            error = FailedJobError(f"SLURM job {job.job_id} failed: {one_line(lines[2] if len(lines) > 2 else failure)}"
-                                   f" (log: {job.paths.stderr})")
+        except UncompletedJobError as failure:  # FailedJobError too, a subclass of it
+            error = _why_no_result(job, failure)
         log.error(f"#{num} : {one_line(error)}")
         return self._report_failure(list(overrides), num, job.job_id, error)
 
@@ -198,6 +193,22 @@ def _cancel_pending(job_id: str) -> bool:
 
 def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def _why_no_result(job: Any, failure: Exception) -> Exception:
+    """One line for a job that returned nothing: its own code failed outside the task (FailedJobError,
+    say importing it), or SLURM ended it first (UncompletedJobError: killed, timed out, cancelled)."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    if isinstance(failure, FailedJobError):
+        # submitit's message: a header, then the job's traceback between two lines of dashes, then where the
+        # logs are; the traceback's last line says what failed.
+        parts = str(failure).split("-" * 22 + "\n")
+        trace = [line for line in (parts[1] if len(parts) > 2 else str(failure)).splitlines() if line.strip()]
+        return FailedJobError(f"SLURM job {job.job_id} failed: {one_line(trace[-1] if trace else failure)}"
+                              f" (log: {job.paths.stderr})")
+    return UncompletedJobError(f"SLURM job {job.job_id} ended {job.state} without returning{_last_words(job)}"
+                               f" (log: {job.paths.stderr})")
 
 
 def _last_words(job: Any) -> str:
