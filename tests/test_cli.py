@@ -40,6 +40,38 @@ def test_an_unknown_key_gets_the_valid_keys_of_its_schema(tmp_path, module, key,
                                           f"valid keys are {valid}"]
 
 
+# Runs an entry point as `python -m` does, and says last, after every other handler at exit, how many objects
+# the interpreter's final garbage collection will skip.
+AT_EXIT = ("import atexit, gc, runpy, sys; atexit.register(lambda: print('frozen at exit:', gc.get_freeze_count(), "
+           "file=sys.stderr)); module = sys.argv.pop(1); runpy.run_module(module, run_name='__main__', alter_sys=True)")
+
+
+@pytest.mark.parametrize("module, args, status", [
+    ("src.train", ("data.data_dir={data}", "data.batch_size=64", "model.hidden=16", "trainer.max_epochs=1",
+                   "hydra.run.dir=run"), 0),
+    ("src.predict", ("idx=oops",), 1),
+])
+def test_an_entry_point_skips_the_final_garbage_collection_and_keeps_what_it_wrote(tiny_data, tmp_path, module,
+                                                                                    args, status):
+    """The last collection would only walk torch's and Lightning's objects for about a second
+    (bench/speed.py --mode process): every entry point skips it, at a normal end and after an error."""
+    args = [arg.format(data=tiny_data) for arg in args]
+    result = subprocess.run([sys.executable, "-c", AT_EXIT, module, *args], cwd=tmp_path, env=entry_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == status, result.stderr[-3000:]
+    frozen = int(result.stderr.splitlines()[-1].removeprefix("frozen at exit: "))
+    assert frozen > 10_000  # every object there was: torch's alone are more
+    if status == 0:  # what the run wrote and printed is all there
+        assert result.stdout.splitlines()[-1].startswith("test_loss: ")
+        rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+        assert [(row["epoch"], bool(row["train/acc"]), bool(row["test/acc"])) for row in rows] == [
+            ("0", True, False), ("1", False, True)]  # the test row: logged after epoch 1 ended
+        assert all((tmp_path / "run" / name).stat().st_size > 0 for name in ("training_curves.png",
+                                                                            "confusion_matrix.png"))
+    else:
+        assert result.stderr.splitlines()[-2].startswith("error: idx=")
+
+
 def interrupt_when(process: subprocess.Popen, ready: Path, timeout: float = 120) -> tuple[str, str]:
     """Ctrl-C to `process` once `ready` exists; its output."""
     deadline = time.time() + timeout
