@@ -293,6 +293,54 @@ def test_full_disk_under_the_search_journal_keeps_every_trial_and_the_journal_us
     assert (reopened.user_attrs["after"], reopened.user_attrs["again"], len(reopened.trials)) == (1, 2, 2)
 
 
+def test_full_disk_under_the_search_database_keeps_every_trial_and_the_database_usable(
+        tiny_data, tmp_path, disk, monkeypatch, capsys):
+    """hparams_search.storage=sqlite:///...: the disk fills up once a trial is asked for, and its first report
+    to the study fails in the middle of its training."""
+    import optuna
+
+    import src.train
+    from src.run_context import RunContext
+    from src.tune import tune
+
+    database = disk / "study.db"
+    url = f"sqlite:///{database}"
+    study = optuna.create_study(study_name="mnist-mlp", direction="maximize", storage=url)
+    study.optimize(lambda trial: trial.suggest_float("optimizer.lr", 1e-5, 1e-1, log=True), n_trials=2)
+    trained = src.train.train
+
+    def train_on_a_full_disk(*args, **kwargs):
+        fill(disk)
+        return trained(*args, **kwargs)
+
+    monkeypatch.setattr(src.train, "train", train_on_a_full_disk)
+    with pytest.raises(CannotWrite) as failed:
+        tune(compose_config("hparams_search/optuna", f"data.data_dir={tiny_data}", "data.val_size=100", *TINY,
+                            "hparams_search.n_trials=3", f"hparams_search.storage={url}"),
+             RunContext(output_dir=tmp_path / "study"))
+    assert str(failed.value) == f"cannot write {database}: database or disk is full"
+    assert "Traceback" not in capsys.readouterr().err
+
+    empty(disk)
+    study = optuna.load_study(study_name="mnist-mlp", storage=url)  # Optuna's own, on the same URL
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "RUNNING"]  # the third's end unrecorded
+    study.tell(study.ask(), 0.5)
+    reopened = optuna.load_study(study_name="mnist-mlp", storage=url)
+    assert [t.state.name for t in reopened.trials] == ["COMPLETE", "COMPLETE", "RUNNING", "COMPLETE"]
+
+
+def test_a_search_database_under_a_regular_file_is_one_line(tmp_path):
+    from src.run_context import RunContext
+    from src.tune import tune
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(CannotWrite) as failed:
+        tune(compose_config("hparams_search/optuna", f"hparams_search.storage=sqlite:///{blocker / 'study.db'}"),
+             RunContext(output_dir=tmp_path / "study"))
+    assert str(failed.value) == f"cannot write {blocker / 'study.db'}: unable to open database file"
+
+
 def test_a_trial_that_cannot_write_stops_the_search(tiny_data, tmp_path):
     import optuna
 
