@@ -359,17 +359,20 @@ def test_a_trial_that_cannot_write_stops_the_search(tiny_data, tmp_path):
     assert [t.state.name for t in study.trials] == ["FAIL"]  # recorded, and no second trial on the full disk
 
 
-def test_an_export_on_a_full_disk_keeps_the_earlier_model(tiny_data, tmp_path, disk):
-    from src.export import export
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_an_export_on_a_full_disk_keeps_the_earlier_model(tiny_data, tmp_path, disk, fmt):
+    from src.export import FILE_NAMES, export
 
+    if fmt == "onnx":
+        for module in ("onnx", "onnxruntime", "onnxscript"):
+            pytest.importorskip(module)
     train(compose_train(f"data.data_dir={tiny_data}", *TINY, "trainer.max_epochs=1"), tmp_path / "run")
-    model = disk / "model.pt"
+    model = disk / FILE_NAMES[fmt]
     model.write_bytes(b"the earlier model")
     fill(disk)
     with pytest.raises(CannotWrite) as failed:
         export(compose_config("export", f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
-                              "format=torchscript", f"out={model}"))
+                              f"format={fmt}", f"out={model}"))
     assert str(failed.value) == f"cannot write {model}: {FULL}"
     assert model.read_bytes() == b"the earlier model" and sorted(p.name for p in disk.iterdir()) == [
-        "filler", "model.pt"]
-
+        "filler", model.name]
