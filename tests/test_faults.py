@@ -107,6 +107,35 @@ def test_full_disk_at_the_interrupt_save_keeps_the_last_good_checkpoint(tiny_dat
     assert torch.load(last, weights_only=True)["global_step"] == 10
 
 
+class FillBeforeTheBestSave(L.Callback):
+    """Fills the disk as epoch `epoch`'s validation ends: just before the ModelCheckpoints save, which
+    Lightning calls after every other callback. Keeps the best checkpoint of the epochs before, and its bytes."""
+
+    def __init__(self, disk: Path, checkpoints: Path, epoch: int = 1):
+        self.disk, self.checkpoints, self.epoch = disk, checkpoints, epoch
+        self.earlier = self.kept = self.val_acc = None
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            (self.earlier,) = self.checkpoints.glob("best-*.ckpt")
+            self.kept, self.val_acc = self.earlier.read_bytes(), float(trainer.callback_metrics["val/acc"])
+            fill(self.disk)
+
+
+def test_full_disk_at_a_new_best_checkpoint_keeps_the_earlier_best(tiny_data, disk):
+    checkpoints = disk / "run" / "checkpoints"
+    filler = FillBeforeTheBestSave(disk, checkpoints)
+    with pytest.raises(CannotWrite) as failed:
+        train(compose_train(f"data.data_dir={tiny_data}", "data.val_size=100", *TINY), disk / "run",
+              callbacks=(filler,))
+    assert filler.earlier.name.startswith("best-epoch00-")
+    new_best = checkpoints / f"best-epoch01-val_acc{filler.val_acc:.4f}.ckpt"  # val/acc rose in epoch 2
+    assert str(failed.value) == f"cannot write {new_best}: {FULL}"
+    assert filler.earlier.read_bytes() == filler.kept  # whole: Lightning removes it only after the new one is saved
+    assert sorted(p.name for p in checkpoints.iterdir()) == [filler.earlier.name, "last.ckpt"]  # no temporary file
+    assert torch.load(filler.earlier, weights_only=True)["epoch"] == 0
+
+
 def train_process(tmp_path: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "src.train", *overrides], cwd=tmp_path, env=entry_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
