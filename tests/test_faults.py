@@ -286,6 +286,39 @@ def test_full_disk_under_mlflow_keeps_the_store_and_its_earlier_run(tiny_data, t
     assert run.data.params["model.hidden"] == "16"
 
 
+def fill_as_the_run_logs_its_results(monkeypatch, disk: Path) -> None:
+    """Fill the disk once training and test are over, and Lightning has flushed and closed the loggers: as
+    the run logs its figures (and MLflow's checkpoints) to them. No hook of Lightning's runs that late."""
+    from src import tracking
+
+    log_results = tracking.log_results
+
+    def on_a_full_disk(*args, **kwargs):
+        fill(disk)
+        log_results(*args, **kwargs)
+
+    monkeypatch.setattr(tracking, "log_results", on_a_full_disk)
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # TensorBoard's own thread
+def test_full_disk_as_tensorboard_takes_the_figures_keeps_its_earlier_events(tiny_data, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = tmp_path / "run" / "tensorboard"
+    events.mkdir(parents=True)
+    with mounted(events):  # only TensorBoard's files are on the small disk
+        fill_as_the_run_logs_its_results(monkeypatch, events)
+        with pytest.raises(CannotWrite) as failed:
+            train(compose_train(f"data.data_dir={tiny_data}", *TINY, "logger=tensorboard"), tmp_path / "run")
+        assert str(failed.value) == f"cannot write {events}: {FULL}"
+        reader = EventAccumulator(str(events))  # every event file, as TensorBoard reads the folder: fit's, test's
+        reader.Reload()
+        assert [event.step for event in reader.Scalars("train/loss")] == [9, 19]  # both epochs, read back
+        assert [event.step for event in reader.Scalars("test/acc")] == [20]
+        assert reader.Tags()["images"] == []  # the figures are what the full disk refused
+
+
 def test_full_disk_under_the_search_journal_keeps_every_trial_and_the_journal_usable(disk):
     import optuna
 
