@@ -319,6 +319,30 @@ def test_full_disk_as_tensorboard_takes_the_figures_keeps_its_earlier_events(tin
         assert reader.Tags()["images"] == []  # the figures are what the full disk refused
 
 
+def test_full_disk_as_mlflow_takes_the_artifacts_keeps_the_run_and_its_metrics(tiny_data, tmp_path, monkeypatch,
+                                                                               capsys):
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    artifacts = tmp_path / "work" / "mlruns"  # MLflow's artifacts, ./mlruns, alone on the small disk
+    artifacts.mkdir(parents=True)
+    monkeypatch.chdir(artifacts.parent)
+    store = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    with mounted(artifacts):
+        fill_as_the_run_logs_its_results(monkeypatch, artifacts)
+        with pytest.raises(CannotWrite) as failed:
+            train(compose_train(f"data.data_dir={tiny_data}", *TINY, "logger=mlflow", f"logger.tracking_uri={store}"),
+                  tmp_path / "run")
+        client = MlflowClient(store)
+        (run,) = client.search_runs([client.get_experiment_by_name("train").experiment_id])
+        folder = Path(run.info.artifact_uri.removeprefix("file://"))  # a path, or a file: URI
+        assert folder.is_relative_to(artifacts)
+        assert str(failed.value) == f"cannot write {folder}: {FULL}"
+    assert "Traceback" not in capsys.readouterr().err
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [9, 19]
+    assert run.data.metrics["test/acc"] > 0.5 and run.data.params["model.hidden"] == "16"
+
+
 def test_full_disk_under_the_search_journal_keeps_every_trial_and_the_journal_usable(disk):
     import optuna
 
