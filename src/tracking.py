@@ -60,7 +60,7 @@ def log_results(loggers: list[Logger], config: TrainConfig, run_dir: Path, metri
             import numpy as np
             from PIL import Image
 
-            with writing(logger.log_dir):
+            with writing(Path(logger.log_dir)):  # without the slash of a run with no overrides
                 _tensorboard_hparams(logger, config_params(config), list(metrics), step)
                 for figure in FIGURES:
                     with Image.open(run_dir / figure) as image:

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from src.atomic import writing
 from src.cli import entry_point
 from src.config import TrainConfig, validated
-from src.errors import CannotWrite, UserError
+from src.errors import CannotWrite, UserError, cannot_write
 from src.extras import require
 from src.run_context import RunContext
 
@@ -177,22 +177,47 @@ def tune(cfg: DictConfig, context: RunContext):
 
 
 def open_storage(url: str | None, study_dir: Path):
-    """The study's storage: the URL given, else Optuna's journal file in the study folder.
+    """The study's storage: the database at the URL given, else Optuna's journal file in the study folder.
 
     A study.db left there by earlier versions (SQLite, one worker at a time) is resumed as it is.
     """
     import optuna
 
     if url is not None:
-        return url
+        return database(url)
     journal, legacy = study_dir / "journal.log", study_dir / "study.db"
     if legacy.is_file() and not journal.exists():
         log.warning("resuming %s (SQLite): run one worker at a time on it, or copy it into journal.log "
                     "with optuna.copy_study (see the README) to run several", legacy)
-        return f"sqlite:///{legacy.resolve()}"
+        return database(f"sqlite:///{legacy.resolve()}")
     from src.journal import WholeRecordsJournal
 
     return optuna.storages.JournalStorage(WholeRecordsJournal(str(journal)))
+
+
+def database(url: str):
+    """Optuna's storage in the database at `url`, whose failed writes (a full disk under SQLite's file, a
+    folder that cannot be opened) name the database in one line (CannotWrite), not in Optuna's traceback.
+
+    They are caught where SQLAlchemy meets them, below Optuna: Optuna would call such an error 'invalid
+    data in the commit' and retry the creation of a trial with it five times, seconds apart.
+    """
+    import optuna
+    import sqlalchemy
+
+    from src.tracking import store_name
+
+    name = store_name(url)
+    with writing(name):  # opens the database, and creates its tables if it is new
+        storage = optuna.storages.RDBStorage(url)
+
+    def named(context):
+        if "is locked" in str(context.original_exception):
+            return None  # another worker's write holds SQLite's file: no fault of the disk, and Optuna retries
+        return cannot_write(name, context.original_exception)  # None: SQLAlchemy's own error stands
+
+    sqlalchemy.event.listen(storage.engine, "handle_error", named)
+    return storage
 
 
 def report(study, metric: str) -> None:

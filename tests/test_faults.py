@@ -107,6 +107,35 @@ def test_full_disk_at_the_interrupt_save_keeps_the_last_good_checkpoint(tiny_dat
     assert torch.load(last, weights_only=True)["global_step"] == 10
 
 
+class FillBeforeTheBestSave(L.Callback):
+    """Fills the disk as epoch `epoch`'s validation ends: just before the ModelCheckpoints save, which
+    Lightning calls after every other callback. Keeps the best checkpoint of the epochs before, and its bytes."""
+
+    def __init__(self, disk: Path, checkpoints: Path, epoch: int = 1):
+        self.disk, self.checkpoints, self.epoch = disk, checkpoints, epoch
+        self.earlier = self.kept = self.val_acc = None
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            (self.earlier,) = self.checkpoints.glob("best-*.ckpt")
+            self.kept, self.val_acc = self.earlier.read_bytes(), float(trainer.callback_metrics["val/acc"])
+            fill(self.disk)
+
+
+def test_full_disk_at_a_new_best_checkpoint_keeps_the_earlier_best(tiny_data, disk):
+    checkpoints = disk / "run" / "checkpoints"
+    filler = FillBeforeTheBestSave(disk, checkpoints)
+    with pytest.raises(CannotWrite) as failed:
+        train(compose_train(f"data.data_dir={tiny_data}", "data.val_size=100", *TINY), disk / "run",
+              callbacks=(filler,))
+    assert filler.earlier.name.startswith("best-epoch00-")
+    new_best = checkpoints / f"best-epoch01-val_acc{filler.val_acc:.4f}.ckpt"  # val/acc rose in epoch 2
+    assert str(failed.value) == f"cannot write {new_best}: {FULL}"
+    assert filler.earlier.read_bytes() == filler.kept  # whole: Lightning removes it only after the new one is saved
+    assert sorted(p.name for p in checkpoints.iterdir()) == [filler.earlier.name, "last.ckpt"]  # no temporary file
+    assert torch.load(filler.earlier, weights_only=True)["epoch"] == 0
+
+
 def train_process(tmp_path: Path, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "src.train", *overrides], cwd=tmp_path, env=entry_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -257,6 +286,63 @@ def test_full_disk_under_mlflow_keeps_the_store_and_its_earlier_run(tiny_data, t
     assert run.data.params["model.hidden"] == "16"
 
 
+def fill_as_the_run_logs_its_results(monkeypatch, disk: Path) -> None:
+    """Fill the disk once training and test are over, and Lightning has flushed and closed the loggers: as
+    the run logs its figures (and MLflow's checkpoints) to them. No hook of Lightning's runs that late."""
+    from src import tracking
+
+    log_results = tracking.log_results
+
+    def on_a_full_disk(*args, **kwargs):
+        fill(disk)
+        log_results(*args, **kwargs)
+
+    monkeypatch.setattr(tracking, "log_results", on_a_full_disk)
+
+
+@pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # TensorBoard's own thread
+def test_full_disk_as_tensorboard_takes_the_figures_keeps_its_earlier_events(tiny_data, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = tmp_path / "run" / "tensorboard"
+    events.mkdir(parents=True)
+    with mounted(events):  # only TensorBoard's files are on the small disk
+        fill_as_the_run_logs_its_results(monkeypatch, events)
+        with pytest.raises(CannotWrite) as failed:
+            train(compose_train(f"data.data_dir={tiny_data}", *TINY, "logger=tensorboard"), tmp_path / "run")
+        assert str(failed.value) == f"cannot write {events}: {FULL}"
+        reader = EventAccumulator(str(events))  # every event file, as TensorBoard reads the folder: fit's, test's
+        reader.Reload()
+        assert [event.step for event in reader.Scalars("train/loss")] == [9, 19]  # both epochs, read back
+        assert [event.step for event in reader.Scalars("test/acc")] == [20]
+        assert reader.Tags()["images"] == []  # the figures are what the full disk refused
+
+
+def test_full_disk_as_mlflow_takes_the_artifacts_keeps_the_run_and_its_metrics(tiny_data, tmp_path, monkeypatch,
+                                                                               capsys):
+    pytest.importorskip("mlflow")
+    from mlflow import MlflowClient
+
+    artifacts = tmp_path / "work" / "mlruns"  # MLflow's artifacts, ./mlruns, alone on the small disk
+    artifacts.mkdir(parents=True)
+    monkeypatch.chdir(artifacts.parent)
+    store = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    with mounted(artifacts):
+        fill_as_the_run_logs_its_results(monkeypatch, artifacts)
+        with pytest.raises(CannotWrite) as failed:
+            train(compose_train(f"data.data_dir={tiny_data}", *TINY, "logger=mlflow", f"logger.tracking_uri={store}"),
+                  tmp_path / "run")
+        client = MlflowClient(store)
+        (run,) = client.search_runs([client.get_experiment_by_name("train").experiment_id])
+        folder = Path(run.info.artifact_uri.removeprefix("file://"))  # a path, or a file: URI
+        assert folder.is_relative_to(artifacts)
+        assert str(failed.value) == f"cannot write {folder}: {FULL}"
+    assert "Traceback" not in capsys.readouterr().err
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [9, 19]
+    assert run.data.metrics["test/acc"] > 0.5 and run.data.params["model.hidden"] == "16"
+
+
 def test_full_disk_under_the_search_journal_keeps_every_trial_and_the_journal_usable(disk):
     import optuna
 
@@ -293,6 +379,54 @@ def test_full_disk_under_the_search_journal_keeps_every_trial_and_the_journal_us
     assert (reopened.user_attrs["after"], reopened.user_attrs["again"], len(reopened.trials)) == (1, 2, 2)
 
 
+def test_full_disk_under_the_search_database_keeps_every_trial_and_the_database_usable(
+        tiny_data, tmp_path, disk, monkeypatch, capsys):
+    """hparams_search.storage=sqlite:///...: the disk fills up once a trial is asked for, and its first report
+    to the study fails in the middle of its training."""
+    import optuna
+
+    import src.train
+    from src.run_context import RunContext
+    from src.tune import tune
+
+    database = disk / "study.db"
+    url = f"sqlite:///{database}"
+    study = optuna.create_study(study_name="mnist-mlp", direction="maximize", storage=url)
+    study.optimize(lambda trial: trial.suggest_float("optimizer.lr", 1e-5, 1e-1, log=True), n_trials=2)
+    trained = src.train.train
+
+    def train_on_a_full_disk(*args, **kwargs):
+        fill(disk)
+        return trained(*args, **kwargs)
+
+    monkeypatch.setattr(src.train, "train", train_on_a_full_disk)
+    with pytest.raises(CannotWrite) as failed:
+        tune(compose_config("hparams_search/optuna", f"data.data_dir={tiny_data}", "data.val_size=100", *TINY,
+                            "hparams_search.n_trials=3", f"hparams_search.storage={url}"),
+             RunContext(output_dir=tmp_path / "study"))
+    assert str(failed.value) == f"cannot write {database}: database or disk is full"
+    assert "Traceback" not in capsys.readouterr().err
+
+    empty(disk)
+    study = optuna.load_study(study_name="mnist-mlp", storage=url)  # Optuna's own, on the same URL
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "RUNNING"]  # the third's end unrecorded
+    study.tell(study.ask(), 0.5)
+    reopened = optuna.load_study(study_name="mnist-mlp", storage=url)
+    assert [t.state.name for t in reopened.trials] == ["COMPLETE", "COMPLETE", "RUNNING", "COMPLETE"]
+
+
+def test_a_search_database_under_a_regular_file_is_one_line(tmp_path):
+    from src.run_context import RunContext
+    from src.tune import tune
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(CannotWrite) as failed:
+        tune(compose_config("hparams_search/optuna", f"hparams_search.storage=sqlite:///{blocker / 'study.db'}"),
+             RunContext(output_dir=tmp_path / "study"))
+    assert str(failed.value) == f"cannot write {blocker / 'study.db'}: unable to open database file"
+
+
 def test_a_trial_that_cannot_write_stops_the_search(tiny_data, tmp_path):
     import optuna
 
@@ -311,17 +445,20 @@ def test_a_trial_that_cannot_write_stops_the_search(tiny_data, tmp_path):
     assert [t.state.name for t in study.trials] == ["FAIL"]  # recorded, and no second trial on the full disk
 
 
-def test_an_export_on_a_full_disk_keeps_the_earlier_model(tiny_data, tmp_path, disk):
-    from src.export import export
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_an_export_on_a_full_disk_keeps_the_earlier_model(tiny_data, tmp_path, disk, fmt):
+    from src.export import FILE_NAMES, export
 
+    if fmt == "onnx":
+        for module in ("onnx", "onnxruntime", "onnxscript"):
+            pytest.importorskip(module)
     train(compose_train(f"data.data_dir={tiny_data}", *TINY, "trainer.max_epochs=1"), tmp_path / "run")
-    model = disk / "model.pt"
+    model = disk / FILE_NAMES[fmt]
     model.write_bytes(b"the earlier model")
     fill(disk)
     with pytest.raises(CannotWrite) as failed:
         export(compose_config("export", f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
-                              "format=torchscript", f"out={model}"))
+                              f"format={fmt}", f"out={model}"))
     assert str(failed.value) == f"cannot write {model}: {FULL}"
     assert model.read_bytes() == b"the earlier model" and sorted(p.name for p in disk.iterdir()) == [
-        "filler", "model.pt"]
-
+        "filler", model.name]
