@@ -8,9 +8,7 @@ traceback. HYDRA_FULL_ERROR=1 shows Hydra's own report instead.
 
 from __future__ import annotations
 
-import atexit
 import functools
-import gc
 import os
 import re
 import sys
@@ -58,11 +56,6 @@ def entry_point(config_name: str):
 
         @functools.wraps(task)
         def main():
-            # At exit, skip the interpreter's last garbage collection, a walk over every object that torch,
-            # Lightning and matplotlib made: about a second of a whole run (bench/speed.py --mode process),
-            # for memory the system takes back anyway. Files are closed and logs flushed before it
-            # (atexit's handlers run first), so nothing written is lost.
-            atexit.register(gc.freeze)
             return run_hydra(hydra_main)
 
         return main
