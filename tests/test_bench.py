@@ -57,6 +57,27 @@ def test_quick_process_benchmark_reports_both_processes_and_start_up():
     assert re.search(r"^\| the same and what src\.train adds .*\| \d+\.\d+ \| [+-]\d+\.\d+ \|$", result.stdout, re.M)
 
 
+@pytest.mark.slow
+def test_timeline_splits_each_whole_process_into_parts_that_add_up():
+    needs_fashion()
+    result = subprocess.run([sys.executable, "bench/timeline.py", "--repeats", "1", "--epochs", "1", "--python",
+                             sys.executable], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = re.findall(r"^\| ([^|]+) \| (\d+\.\d+) \| (\d+\.\d+) \| ([+-]\d+\.\d+) \|$", result.stdout, re.M)
+    assert [row[0] for row in rows] == ["start-up and imports", "Hydra: config, logging, run folder",
+                                        "setup: Trainer, data, model", "training", "test", "figures", "exit",
+                                        "whole process"], result.stdout
+    parts, whole = rows[:-1], rows[-1]
+    for column in (1, 2):  # the parts of each process add up to the whole, which was timed from outside
+        assert abs(sum(float(row[column]) for row in parts) - float(whole[column])) <= 0.005 * len(parts)
+        assert all(float(row[column]) >= 0 for row in parts)
+    assert float(rows[1][1]) == 0  # the plain script has no config
+    assert all(float(row[2]) - float(row[1]) == pytest.approx(float(row[3]), abs=0.011) for row in rows)
+    # Both trained for that one epoch: each part's boundaries were found.
+    assert float(rows[3][1]) > 0.3 and float(rows[3][2]) > 0.3
+
+
 HIDE_HYDRA = """\"\"\"Hydra's packages hidden in the borrowed site folder: importable only from elsewhere on sys.path.\"\"\"
 import importlib.machinery, sys
 
