@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 
 from src.errors import CannotWrite
 from src.train import train
-from tests.conftest import compose_config, compose_train, entry_env, needs
+from tests.conftest import compose_config, compose_train, entry_env, needs, needs_extra
 from tests.test_reliability import interrupt_at_step
 
 FULL = "No space left on device"
@@ -252,7 +252,7 @@ def test_the_sweep_summary_is_replaced_whole_or_kept_and_stops_the_sweep(tmp_pat
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # TensorBoard's own thread
 def test_full_disk_under_tensorboard_keeps_its_earlier_events(tiny_data, tmp_path):
-    pytest.importorskip("tensorboard")
+    needs_extra("track", "tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = tmp_path / "run" / "tensorboard"
@@ -269,7 +269,7 @@ def test_full_disk_under_tensorboard_keeps_its_earlier_events(tiny_data, tmp_pat
 
 
 def test_full_disk_under_mlflow_keeps_the_store_and_its_earlier_run(tiny_data, tmp_path, disk, monkeypatch, capsys):
-    pytest.importorskip("mlflow")
+    needs_extra("track", "mlflow")
     from mlflow import MlflowClient
 
     monkeypatch.chdir(tmp_path)  # MLflow's artifacts (./mlruns) stay off the small disk
@@ -302,7 +302,7 @@ def fill_as_the_run_logs_its_results(monkeypatch, disk: Path) -> None:
 
 @pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")  # TensorBoard's own thread
 def test_full_disk_as_tensorboard_takes_the_figures_keeps_its_earlier_events(tiny_data, tmp_path, monkeypatch):
-    pytest.importorskip("tensorboard")
+    needs_extra("track", "tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = tmp_path / "run" / "tensorboard"
@@ -321,7 +321,7 @@ def test_full_disk_as_tensorboard_takes_the_figures_keeps_its_earlier_events(tin
 
 def test_full_disk_as_mlflow_takes_the_artifacts_keeps_the_run_and_its_metrics(tiny_data, tmp_path, monkeypatch,
                                                                                capsys):
-    pytest.importorskip("mlflow")
+    needs_extra("track", "mlflow")
     from mlflow import MlflowClient
 
     artifacts = tmp_path / "work" / "mlruns"  # MLflow's artifacts, ./mlruns, alone on the small disk
@@ -450,8 +450,7 @@ def test_an_export_on_a_full_disk_keeps_the_earlier_model(tiny_data, tmp_path, d
     from src.export import FILE_NAMES, export
 
     if fmt == "onnx":
-        for module in ("onnx", "onnxruntime", "onnxscript"):
-            pytest.importorskip(module)
+        needs_extra("export", "onnx", "onnxruntime", "onnxscript")
     train(compose_train(f"data.data_dir={tiny_data}", *TINY, "trainer.max_epochs=1"), tmp_path / "run")
     model = disk / FILE_NAMES[fmt]
     model.write_bytes(b"the earlier model")
