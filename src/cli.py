@@ -14,8 +14,7 @@ import re
 import sys
 from dataclasses import fields, is_dataclass
 
-from src.errors import cannot_write
-from src.errors import UserError, one_line
+from src.errors import UserError, cannot_write, exit_with
 from src.extras import require
 from src.run_context import RunContext
 
@@ -49,8 +48,7 @@ def entry_point(config_name: str):
             except UserError as error:
                 if context.sweep:
                     raise
-                print(f"error: {one_line(error)}", file=sys.stderr)
-                sys.exit(1)
+                exit_with(error)
 
         hydra_main = hydra.main(config_path="../conf", config_name=config_name, version_base="1.3")(job)
 
@@ -76,24 +74,21 @@ def run_hydra(hydra_main) -> None:
     try:
         check_launcher(sys.argv[1:])  # before Hydra, which would only say it cannot find the launcher
     except UserError as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        sys.exit(1)
+        exit_with(error)
     if os.environ.get("HYDRA_FULL_ERROR") == "1":  # the user asked for full tracebacks
         return hydra_main()
     os.environ["HYDRA_FULL_ERROR"] = os.environ[_ONE_LINE] = "1"
     try:
         return hydra_main()
     except (HydraException, OmegaConfBaseException) as error:
-        print(f"error: {one_line(_hydra_message(error))}", file=sys.stderr)
-        sys.exit(1)
+        exit_with(_hydra_message(error))
     except Exception as error:
         # Hydra's own writing before the task starts (the run folder, .hydra/, train.log): a folder that
         # cannot be made, a full disk. The task's own errors have passed the job above, which took _ONE_LINE.
         failed = cannot_write(None, error) if _ONE_LINE in os.environ else None
         if failed is None:
             raise
-        print(f"error: {one_line(failed)}", file=sys.stderr)
-        sys.exit(1)
+        exit_with(failed)
     finally:
         _stop_one_line_errors()
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 
 class UserError(Exception):
@@ -23,6 +25,12 @@ _ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]|[\x00-\x08\x0b-\x1f\x7
 def one_line(text: object) -> str:
     """Text fit for a one-line error: escape codes and control characters removed, whitespace collapsed."""
     return " ".join(_ESCAPES.sub("", str(text)).split())
+
+
+def exit_with(error: object) -> NoReturn:
+    """End the program as bad input ends it: `error: ...` in one line on stderr, and exit status 1."""
+    print(f"error: {one_line(error)}", file=sys.stderr)
+    sys.exit(1)
 
 
 class CannotWrite(UserError):

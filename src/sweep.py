@@ -13,7 +13,6 @@ import csv
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from omegaconf import DictConfig
 
 from src.atomic import replaced_in_one_step, writing
 from src.config import sweep_metric, tested_checkpoint
-from src.errors import CannotWrite, one_line
+from src.errors import CannotWrite, exit_with, one_line
 from src.run_files import METRICS, last_checkpoint
 
 RESULT_FILE = "result.json"
@@ -85,9 +84,7 @@ class SweepSummary(Callback):
                   "(or data.val_size=N), and keep the test set for the final figure")
         failed = sum(row["status"] == "failed" for row in rows)
         if failed:
-            print(f"error: {failed} of {len(rows)} jobs failed; their errors are in {sweep_dir / self.filename}",
-                  file=sys.stderr)
-            sys.exit(1)
+            exit_with(f"{failed} of {len(rows)} jobs failed; their errors are in {sweep_dir / self.filename}")
 
 
 @contextlib.contextmanager
@@ -100,8 +97,7 @@ def _stop_on_a_failed_write():
     try:
         yield
     except CannotWrite as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        sys.exit(1)
+        exit_with(error)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -23,7 +23,6 @@ makes every job of the sweep such a row.
 import logging
 import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,10 +70,11 @@ class SlurmLauncher(SubmititSlurmLauncher or object):
     def __init__(self, **params: Any) -> None:
         for key, least in zip(OWN_SETTINGS, (1, 0)):
             if params[key] < least:
+                from src.errors import exit_with
+
                 # Said here and now: Hydra would wrap a UserError from a launcher in its own message.
-                print(f"error: hydra.launcher.{key}={params[key]} is not valid: expected a whole number of seconds, "
-                      f"{least} or more", file=sys.stderr)
-                sys.exit(1)
+                exit_with(f"hydra.launcher.{key}={params[key]} is not valid: expected a whole number of seconds, "
+                          f"{least} or more")
         super().__init__(**params)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
