@@ -34,6 +34,15 @@ def replaced_in_one_step(target: Path, suffix: str = ".tmp"):
 
 
 @contextlib.contextmanager
+def written_whole(path: str | Path):
+    """replaced_in_one_step(path) inside writing(path): the temporary file for the block to write, put in
+    place whole, and a failed write told in one line naming `path`."""
+    path = Path(path)
+    with writing(path), replaced_in_one_step(path) as partial:
+        yield partial
+
+
+@contextlib.contextmanager
 def writing(path: str | Path):
     """Whatever fails in the block because a write failed becomes CannotWrite: 'cannot write PATH: CAUSE'.
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from src.atomic import replaced_in_one_step, writing
+from src.atomic import written_whole
 
 
 def file_pyplot():
@@ -25,7 +25,7 @@ def save_figure(fig, out: Path) -> Path:
     """`fig` as the file `out`, put in place whole or not at all: a full disk leaves an earlier figure
     there as it was, and ends with one line naming `out`."""
     out = Path(out)
-    with writing(out), replaced_in_one_step(out) as partial:
+    with written_whole(out) as partial:
         fig.savefig(partial, dpi=100, format=out.suffix.lstrip(".") or "png")  # the temporary name has no such suffix
     return out
 

@@ -22,7 +22,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from src.atomic import replaced_in_one_step, writing
+from src.atomic import written_whole
 from src.config import sweep_metric, tested_checkpoint
 from src.errors import CannotWrite, exit_with, one_line
 from src.run_files import METRICS, last_checkpoint
@@ -57,8 +57,8 @@ class SweepSummary(Callback):
             "wall_s": round(time.time() - self._started, 2) if self._started else None,
             "error": _one_line(error) if failed else "",
         }
-        with _stop_on_a_failed_write():
-            write_text(Path(config.hydra.runtime.output_dir) / RESULT_FILE, json.dumps(result, indent=1))
+        with _stop_on_a_failed_write(), written_whole(Path(config.hydra.runtime.output_dir) / RESULT_FILE) as partial:
+            partial.write_text(json.dumps(result, indent=1))
         if failed:
             # Hydra's sweeper re-raises the first failure once every job has run, which would skip
             # on_multirun_end and with it the summary; the error is recorded above instead.
@@ -98,11 +98,6 @@ def _stop_on_a_failed_write():
         yield
     except CannotWrite as error:
         exit_with(error)
-
-
-def write_text(path: Path, text: str) -> None:
-    with writing(path), replaced_in_one_step(path) as partial:
-        partial.write_text(text)
 
 
 def collect(sweep_dir: Path) -> list[dict]:
@@ -154,7 +149,7 @@ def _sort_key(row: dict, metric: str) -> tuple:
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    with writing(path), replaced_in_one_step(path) as partial, open(partial, "w", newline="") as f:
+    with written_whole(path) as partial, open(partial, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for row in rows:

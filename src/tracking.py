@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoa
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from src.atomic import replaced_in_one_step, writing
+from src.atomic import writing, written_whole
 from src.config import TrainConfig
 from src.errors import CannotWrite, UserError, one_line
 from src.run_context import RunContext
@@ -56,11 +56,11 @@ def log_results(loggers: list[Logger], config: TrainConfig, run_dir: Path, metri
     """At the end of a run: the config with the final metrics (TensorBoard's HParams tab), the figures,
     and for MLflow the checkpoints. Lightning has already closed the loggers, which reopen on use."""
     for logger in loggers:
-        if isinstance(logger, TensorBoardLogger):
+        if isinstance(logger, NamedTensorBoardLogger):
             import numpy as np
             from PIL import Image
 
-            with writing(Path(logger.log_dir)):  # without the slash of a run with no overrides
+            with writing(logger.files):
                 _tensorboard_hparams(logger, config_params(config), list(metrics), step)
                 for figure in FIGURES:
                     with Image.open(run_dir / figure) as image:
@@ -173,7 +173,7 @@ class WholeFileWriter(ExperimentWriter):
     def log_hparams(self, params: dict[str, Any]) -> None:
         self.hparams.update(params)
         path = Path(self.log_dir) / self.NAME_HPARAMS_FILE
-        with writing(path), replaced_in_one_step(path) as partial:
+        with written_whole(path) as partial:
             save_hparams_to_yaml(partial, self.hparams)
 
     def save(self) -> None:
@@ -181,7 +181,7 @@ class WholeFileWriter(ExperimentWriter):
             return
         self._record_new_keys()
         rows, path = self.saved + self.metrics, Path(self.metrics_file_path)
-        with writing(path), replaced_in_one_step(path) as partial, open(partial, "w", newline="") as f:
+        with written_whole(path) as partial, open(partial, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
             writer.writeheader()
             writer.writerows(rows)
