@@ -1,9 +1,15 @@
 """The original Keras program (Deep Learning with Python, chapter 2), for `bench/speed.py --mode
-process --keras-python PYTHON`: the same steps, reading the IDX files from a folder because
-`mnist.load_data()` needs the internet. Needs TensorFlow and matplotlib (`pip install tensorflow-cpu matplotlib`)."""
+process --keras-python PYTHON` and `bench/faithfulness.py`: the same steps, reading the IDX files from a
+folder because `mnist.load_data()` needs the internet. Needs TensorFlow and matplotlib
+(`pip install tensorflow-cpu keras matplotlib`).
+
+`--seed S` seeds Python, NumPy and TensorFlow with `keras.utils.set_random_seed(S)` before the model is
+built (the book's program is not seeded); `--history FILE` writes fit()'s per-epoch loss and accuracy and
+the test figures to FILE as JSON."""
 
 import argparse
 import gzip
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +18,8 @@ parser = argparse.ArgumentParser()
 parser.add_argument("--epochs", type=int, default=5)
 parser.add_argument("--data", default="/usr/share/datasets/fashion-mnist")
 parser.add_argument("--out", default="keras-run")
+parser.add_argument("--seed", type=int, help="keras.utils.set_random_seed(SEED) first (default: not seeded)")
+parser.add_argument("--history", help="write the per-epoch loss and accuracy and the test figures here (JSON)")
 args = parser.parse_args()
 
 
@@ -29,6 +37,8 @@ from tensorflow import keras  # noqa: E402
 (train_images, train_labels) = idx("train-images-idx3-ubyte"), idx("train-labels-idx1-ubyte")
 (test_images, test_labels) = idx("t10k-images-idx3-ubyte"), idx("t10k-labels-idx1-ubyte")
 print("Num GPUs Available: ", len(tf.config.list_physical_devices("GPU")))
+if args.seed is not None:
+    keras.utils.set_random_seed(args.seed)
 
 network = keras.Sequential([keras.Input((28 * 28,)), keras.layers.Dense(512, activation="relu"),
                             keras.layers.Dense(10, activation="softmax")])
@@ -40,6 +50,9 @@ test_labels = keras.utils.to_categorical(test_labels)
 history = network.fit(train_images, train_labels, epochs=args.epochs, batch_size=128, verbose=2)
 test_loss, test_acc = network.evaluate(test_images, test_labels, verbose=0)
 print(f"test_loss: {test_loss:.4f} test_acc: {test_acc:.4f}")
+if args.history:
+    Path(args.history).write_text(json.dumps({"loss": history.history["loss"], "accuracy": history.history["accuracy"],
+                                              "test_loss": test_loss, "test_acc": test_acc}))
 
 import matplotlib  # noqa: E402
 

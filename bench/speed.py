@@ -316,10 +316,20 @@ def peak_rss_mb(command: list[str], cwd: Path) -> tuple[float, float, str]:
     return wall, usage.ru_maxrss / 1024, lines[-1] if lines else "?"
 
 
+def project_command(python: str, epochs: int, run_dir: str, *overrides: str) -> list[str]:
+    """`python -m src.train data=fashion_mnist` for `epochs` epochs into run_dir, to be run in ROOT (its data/)."""
+    return [python, "-m", "src.train", "data=fashion_mnist", f"trainer.max_epochs={epochs}", f"hydra.run.dir={run_dir}",
+            *overrides]
+
+
+def keras_command(python: str, epochs: int, out: str, *options: str) -> list[str]:
+    """The book's Keras program, bench/keras_original.py, run by `python` (one that has TensorFlow and Keras)."""
+    return [python, str(ROOT / "bench" / "keras_original.py"), f"--epochs={epochs}", f"--out={out}", *options]
+
+
 def process_mode(args) -> dict:
     """Whole processes, alternating: the project's command and a plain script doing the same job."""
-    data = "data=fashion_mnist" if FASHION.is_dir() else None
-    if data is None:
+    if not FASHION.is_dir():
         raise SystemExit("error: --mode process needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
     from src.idx import prepare_files
 
@@ -327,11 +337,9 @@ def process_mode(args) -> dict:
     epochs = 1 if args.quick else args.epochs
     results = {"project": [], "plain": []}
     with tempfile.TemporaryDirectory() as tmp:
-        project = [args.python, "-m", "src.train", data, f"trainer.max_epochs={epochs}",
-                   f"hydra.run.dir={tmp}/project"]
+        project = project_command(args.python, epochs, f"{tmp}/project")
         plain = [args.python, str(ROOT / "bench" / "plain_train.py"), f"--epochs={epochs}", f"--out={tmp}/plain"]
-        keras = [args.keras_python, str(ROOT / "bench" / "keras_original.py"), f"--epochs={epochs}",
-                 f"--out={tmp}/keras"]
+        keras = keras_command(args.keras_python, epochs, f"{tmp}/keras")
         if args.keras_python:
             results["keras"] = []
         for _ in range(args.repeats):
