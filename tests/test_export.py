@@ -1,6 +1,6 @@
 """`python -m src.export`: an ONNX or TorchScript model that agrees with the checkpoint's network,
-files put in place whole or not at all, one-line errors, the `export` extra, and the README's
-onnxruntime snippet run as written."""
+files put in place whole or not at all, one-line errors, the `export` extra, and the export page's
+onnxruntime snippet (docs/export.md) run as written."""
 
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def test_torchscript_model_agrees_with_pytorch(workdir, trained, capsys):
     assert not (trained.parent / "model.pt").exists()
 
     extra = {"dataset": "", "classes": ""}
-    with pytest.warns(FutureWarning, match="deprecated"):  # PyTorch 2.14 warns on TorchScript; the README says so
+    with pytest.warns(FutureWarning, match="deprecated"):  # PyTorch 2.14 warns on TorchScript; docs/export.md says so
         loaded = torch.jit.load(str(path), _extra_files=extra)
     assert extra["dataset"] == b"mnist" and json.loads(extra["classes"]) == [str(k) for k in range(10)]
     x = parity_set(trained)
@@ -273,21 +273,24 @@ def test_torchscript_needs_no_extra(workdir):
     assert (workdir / "outputs" / "2026-01-01" / "12-00-00" / "checkpoints" / "model.pt").is_file()
 
 
-def readme_snippet() -> str:
-    """The Python block of the README's Export section that runs onnxruntime."""
-    section = (ROOT / "README.md").read_text().split("\n## Export\n")[1].split("\n## ")[0]
-    [snippet] = [block for block in re.findall(r"```python\n(.*?)```", section, re.S) if "onnxruntime" in block]
+EXPORT_PAGE = ROOT / "docs" / "export.md"
+
+
+def export_page_snippet() -> str:
+    """The Python block of the export page that runs onnxruntime."""
+    page = EXPORT_PAGE.read_text()
+    [snippet] = [block for block in re.findall(r"```python\n(.*?)```", page, re.S) if "onnxruntime" in block]
     return snippet
 
 
 @pytest.mark.slow
-def test_readme_snippet_classifies_real_digits_without_torch(real_checkpoint, tmp_path):
-    """Exactly as written in the README, in a process where torch cannot be imported, on PNGs of real digits."""
+def test_export_page_snippet_classifies_real_digits_without_torch(real_checkpoint, tmp_path):
+    """Exactly as written on the export page, in a process where torch cannot be imported, on PNGs of real digits."""
     images, labels = real_digits()
     needs_extra("export", *EXPORT_EXTRA)
     import onnxruntime
 
-    snippet = readme_snippet()
+    snippet = export_page_snippet()
     assert len(snippet.strip().splitlines()) == 6 and "torch" not in snippet.replace("onnxruntime", "")
     export(compose_config("export", f"ckpt_path={real_checkpoint}", f"out={tmp_path / 'model.onnx'}"))
 
@@ -297,7 +300,7 @@ def test_readme_snippet_classifies_real_digits_without_torch(real_checkpoint, tm
         ImageOps.invert(Image.fromarray(images[k])).resize((112, 112), Image.Resampling.BICUBIC).save(tmp_path / f"{k}.png")
     runner = ("import shutil, sys\nsys.modules['torch'] = None\n"  # an `import torch` anywhere would fail
               f"for k in {digits!r}:\n    shutil.copy(f'{{k}}.png', 'digit.png')\n"
-              f"    exec(compile({snippet!r}, 'README.md', 'exec'), {{}})\n")
+              f"    exec(compile({snippet!r}, 'docs/export.md', 'exec'), {{}})\n")
     result = subprocess.run([sys.executable, "-c", runner], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     printed = [line.split() for line in result.stdout.splitlines()]
@@ -307,7 +310,7 @@ def test_readme_snippet_classifies_real_digits_without_torch(real_checkpoint, tm
     session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     [p] = session.run(None, {"images": images[digits].reshape(-1, 784).astype(np.float32) / 255})
     same, right = int((snippet_classes == p.argmax(1)).sum()), int((snippet_classes == labels[digits]).sum())
-    print(f"README snippet on {len(digits)} real digits: the model's class for the original {same} times, "
+    print(f"the export page's snippet on {len(digits)} real digits: the model's class for the original {same} times, "
           f"the true label {right} times")
     # Measured with the training seeds 42 (the tests') and 0 to 4: the model's class 20 times of 20 and the true
     # label 20 times, with each seed. Thresholds: the worst less 1 and less 2.
