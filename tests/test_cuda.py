@@ -37,7 +37,7 @@ from tests.test_reliability import final_weights, interrupt_at_step  # noqa: E40
 
 pytestmark = pytest.mark.cuda
 
-ACCURACY_BAND = 0.86  # Fashion-MNIST, 5 epochs: the CPU's runs gave 0.8636 to 0.8806 (README, Results)
+ACCURACY_BAND = 0.86  # Fashion-MNIST, 5 epochs: the CPU's runs gave 0.8636 to 0.8806 (docs/results.md)
 BAR_EVERY = 20  # KerasProgressBar's refresh rate: it reads the running metrics every 20 steps
 TORCH = str(Path(torch.__file__).parent)
 

@@ -309,7 +309,7 @@ def test_optuna_workers_as_slurm_jobs_share_one_study(slurm_cluster, tiny_data, 
     env, study_dir = environment(slurm_cluster), tmp_path / "study"
     tune = " ".join(command("src.tune", f"data.data_dir={tiny_data}", *SEARCH, "hparams_search.n_trials=4",
                             f"hydra.run.dir={study_dir}"))
-    # The README's command for a cluster, with what this one has.
+    # docs/slurm.md's command for a cluster, with what this one has.
     submitted = subprocess.run(["sbatch", "--array=1-2", "--cpus-per-task=1", "--mem=2G", "--time=10",
                                 f"--output={tmp_path}/worker-%a.out", "--wrap", tune],
                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
