@@ -99,11 +99,11 @@ def draw(runs: dict[str, list[dict]], epochs: int, out: Path) -> None:
         ax.legend()
     for i, program in enumerate(PROGRAMS):
         values = [run["test_acc"] for run in runs[program]]
-        axes[2].scatter([i] * len(values), values, color=colours[program], alpha=0.7, label="each seed" if i else None)
+        axes[2].scatter([i] * len(values), values, color=colours[program], alpha=0.7)
         axes[2].errorbar([i + 0.15], [statistics.mean(values)], yerr=[statistics.stdev(values)], color=colours[program],
-                         fmt="D", capsize=4, label="mean ± s.d." if i else None)
-    axes[2].set(title="test accuracy", xticks=[0, 1], xticklabels=["Keras original", "this project"], xlim=(-0.5, 1.6))
-    axes[2].legend()
+                         fmt="D", capsize=4)
+    axes[2].set(title="test accuracy (mean ± s.d.)", xticks=[0, 1],
+                xticklabels=["Keras original", "this project"], xlim=(-0.5, 1.6))
     axes[2].grid(alpha=0.3)
     fig.suptitle(f"Fashion-MNIST, {epochs} epochs, batch 128, RMSprop: the same seeds for both programs")
     fig.tight_layout()
