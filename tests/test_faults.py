@@ -128,8 +128,8 @@ def test_full_disk_at_a_new_best_checkpoint_keeps_the_earlier_best(tiny_data, di
     with pytest.raises(CannotWrite) as failed:
         train(compose_train(f"data.data_dir={tiny_data}", "data.val_size=100", *TINY), disk / "run",
               callbacks=(filler,))
-    assert filler.earlier.name.startswith("best-epoch00-")
-    new_best = checkpoints / f"best-epoch01-val_acc{filler.val_acc:.4f}.ckpt"  # val/acc rose in epoch 2
+    assert filler.earlier.name.startswith("best-epoch01-")  # epochs counted from 1, as Keras's {epoch}
+    new_best = checkpoints / f"best-epoch02-val_acc{filler.val_acc:.4f}.ckpt"  # val/acc rose in epoch 2
     assert str(failed.value) == f"cannot write {new_best}: {FULL}"
     assert filler.earlier.read_bytes() == filler.kept  # whole: Lightning removes it only after the new one is saved
     assert sorted(p.name for p in checkpoints.iterdir()) == [filler.earlier.name, "last.ckpt"]  # no temporary file

@@ -15,7 +15,7 @@ LAYERS = [
     ("config and the command-line layer", {"config", "cli", "extras", "run_context"}),
     ("plain PyTorch", {"idx", "network", "checkpoint", "pictures", "inference", "atomic", "plots", "run_files",
                        "offline_digits"}),
-    ("the Lightning layer", {"data", "model", "callbacks", "tracking", "sweep", "journal"}),
+    ("the Lightning layer", {"data", "model", "callbacks", "console", "tracking", "sweep", "journal"}),
     ("entry points", {"train", "predict", "app", "export", "tune", "evaluate"}),
 ]
 

@@ -123,7 +123,8 @@ def test_validation_split_is_logged_and_the_best_epoch_is_kept(tiny_data, tmp_pa
     assert len(val_acc) == 3 and metric == pytest.approx(val_acc[best])  # the tested, best epoch's is returned
 
     checkpoints = tmp_path / "run" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.iterdir()) == [f"best-epoch01-val_acc{val_acc[1]:.4f}.ckpt", "last.ckpt"]
+    # named by the epoch as the console counts it (Epoch 2/3), its "epoch" Lightning's count from 0
+    assert sorted(p.name for p in checkpoints.iterdir()) == [f"best-epoch02-val_acc{val_acc[1]:.4f}.ckpt", "last.ckpt"]
     saved = torch.load(next(checkpoints.glob("best-*.ckpt")), weights_only=True)
     assert (saved["epoch"], saved["global_step"]) == (1, 2 * 8)  # 500 training images in batches of 64
     # It holds that epoch's weights: they score its val/acc on the validation split.
