@@ -38,7 +38,7 @@ from tests.test_reliability import final_weights, interrupt_at_step  # noqa: E40
 pytestmark = pytest.mark.cuda
 
 ACCURACY_BAND = 0.86  # Fashion-MNIST, 5 epochs: the CPU's runs gave 0.8636 to 0.8806 (README, Results)
-BAR_EVERY = 20  # KerasProgressBar's refresh rate: it reads the running metrics every 20 steps
+BAR_EVERY = 20  # src.console.KerasProgressBar's refresh rate: it reads the running metrics every 20 steps
 TORCH = str(Path(torch.__file__).parent)
 
 
@@ -76,7 +76,9 @@ def test_train_command_runs_on_cuda_and_reaches_the_cpus_accuracy(cuda_run):
     result, run = cuda_run
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
-    assert "GPU available: True (cuda), used: True" in output, output[-3000:]
+    # accelerator=auto picked the first CUDA device, and the run says so in its one device line
+    assert re.search(r"^device: cuda:0, .+ \(trainer\.accelerator=auto; found: \d+ CUDA devices?\)$", result.stdout,
+                     re.M), output[-3000:]
     [acc] = re.findall(r"^test_loss: \d+\.\d+ test_acc: (\d+\.\d+)$", result.stdout, re.M)
     record("python -m src.train data=fashion_mnist: test_acc", float(acc))
     assert float(acc) >= ACCURACY_BAND
@@ -111,9 +113,11 @@ def one_epoch(fashion: Path, *overrides: str):
     return compose_train("data=fashion_mnist", f"data.data_dir={fashion}", "trainer.max_epochs=1", *overrides)
 
 
-def test_no_host_sync_inside_a_training_step(fashion, tmp_path):
+@pytest.mark.parametrize("progress", ["bar", "lines"])
+def test_no_host_sync_inside_a_training_step(fashion, tmp_path, progress):
     """One epoch under torch.cuda.set_sync_debug_mode("warn"): every wait for the GPU is a warning, and
-    where it came from tells whether it is the progress bar's read, the epoch's own, or a step's."""
+    where it came from tells whether it is the progress bar's read, the epoch's own, or a step's. The
+    epoch lines (a log file's progress) read nothing between the steps."""
     phase, syncs = Phase(), []
 
     class SyncDebug(L.Callback):
@@ -135,21 +139,24 @@ def test_no_host_sync_inside_a_training_step(fashion, tmp_path):
         warnings.simplefilter("always")
         warnings.showwarning = note
         try:
-            train(one_epoch(fashion), tmp_path / "run", callbacks=(SyncDebug(), phase))
+            train(one_epoch(fashion, f"progress={progress}"), tmp_path / "run", callbacks=(SyncDebug(), phase))
         finally:
             torch.cuda.set_sync_debug_mode("default")
     steps = phase.steps
     in_steps = [where for when, _, where in syncs if when == "step"]
     between = [(bar, where) for when, bar, where in syncs if when == "between steps"]
     by_bar = [where for bar, where in between if bar]
-    record(f"sync warnings in one epoch of {steps} steps", len(syncs))
-    record("sync warnings by phase", {when: sum(1 for w, _, _ in syncs if w == when) for when in dict.fromkeys(
+    record(f"progress={progress}: sync warnings in one epoch of {steps} steps", len(syncs))
+    record(f"progress={progress}: sync warnings by phase", {when: sum(1 for w, _, _ in syncs if w == when) for when in dict.fromkeys(
         w for w, _, _ in syncs)})
-    record("sync warnings by place", {where: sum(1 for _, _, w in syncs if w == where) for where in dict.fromkeys(
+    record(f"progress={progress}: sync warnings by place", {where: sum(1 for _, _, w in syncs if w == where) for where in dict.fromkeys(
         w for _, _, w in syncs)})
     assert in_steps == [], f"a training step waits for the GPU: {sorted(set(in_steps))}"
     assert [where for bar, where in between if not bar] == [], "between the steps, only the progress bar may wait"
-    assert 0 < len(by_bar) <= 2 * math.ceil(steps / BAR_EVERY), "the bar reads loss and accuracy every 20 steps"
+    if progress == "bar":
+        assert 0 < len(by_bar) <= 2 * math.ceil(steps / BAR_EVERY), "the bar reads loss and accuracy every 20 steps"
+    else:
+        assert by_bar == [], "the epoch lines read no running figure while the epoch goes on"
     assert len(syncs) < steps, "far fewer waits than steps: the rest are the epoch's own (its checks, the checkpoint)"
 
 

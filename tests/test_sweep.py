@@ -10,6 +10,8 @@ import csv
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import compose_config, compose_train, entry_env, logged
+from tests.test_console import check_epoch_lines
 
 
 def run(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -163,6 +166,13 @@ def test_ddp_cpu_trains_on_two_processes_on_halves_of_each_epoch_and_reduces_met
     assert "Starting with 2 processes" in result.stdout + result.stderr
     metric_lines = [line for line in result.stdout.splitlines() if line.startswith("test_loss:")]
     assert len(metric_lines) == 1
+    # The first process alone prints an epoch's line, with the figures averaged over both, as metrics.csv has them
+    check_epoch_lines(result.stdout, run_dir / "metrics.csv", epochs=epochs, steps=math.ceil(300 / batch_size), val=False)
+    assert result.stdout.count('Model: "MNISTClassifier"') == 1
+    assert re.search(r"^devices: 2 processes on cpu, 1 node x 2 \(trainer\.accelerator=cpu; ", result.stdout, re.M)
+    if shutil.which("srun"):  # on a machine with SLURM, a run of several processes that it did not start says so
+        assert result.stdout.count("note: SLURM is installed here, but these 2 processes were started on this "
+                                   "machine, not by SLURM") == 1
     assert [p.relative_to(run_dir) for p in run_dir.rglob("*.ckpt")] == [Path("checkpoints/last.ckpt")]
     assert not (tmp_path / "outputs").exists()  # the second process wrote into the same run folder
 

@@ -239,19 +239,6 @@ def test_compiling_without_a_cpu_compiler_is_one_clear_error(tiny_data, tmp_path
 
 
 @pytest.mark.slow
-def test_command_line_run(tiny_data, tmp_path):
-    run = tmp_path / "run"
-    result = run_cli(f"data.data_dir={tiny_data}", "trainer.max_epochs=1", "model.hidden=32",
-                     f"hydra.run.dir={run}", cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert LINE.search(result.stdout), result.stdout[-2000:]
-    assert "train images (600, 784) float32, train labels (600, 10)" in result.stdout + result.stderr
-    for name in (".hydra/config.yaml", "checkpoints/last.ckpt", "metrics.csv", "training_curves.png",
-                 "confusion_matrix.png"):
-        assert (run / name).is_file(), name
-    assert not (tmp_path / "lightning_logs").exists() and not (tmp_path / "outputs").exists()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("args, expected", [
     (["data.data_dir=EMPTY"], r"mnist data not found in \S*empty.*train-images-idx3-ubyte.*t10k-labels-idx1-ubyte"),
