@@ -158,8 +158,9 @@ def _refuse_ddp_in_a_local_sweep(config: TrainConfig, context: RunContext) -> No
 
 
 # Lightning's lines that the console says otherwise (src/console.py's device line), or that say nothing:
-# advertising, and the normal end of training.
-_UNSAID = ("💡 Tip", "GPU available: ", "TPU available: ", "`Trainer.fit` stopped: `max_epochs=")
+# advertising, the normal end of training, and that a validation split is validated whole.
+_UNSAID = ("💡 Tip", "GPU available: ", "TPU available: ", "`Trainer.fit` stopped: `max_epochs=",
+           "`Trainer(limit_val_batches=1.0)` was configured")
 
 
 def _quiet_lightning() -> None:
