@@ -54,11 +54,18 @@ class KerasProgressBar(TQDMProgressBar):
 
     def __init__(self, refresh_rate: int = 20):
         super().__init__(refresh_rate=refresh_rate, leave=True)
+        self._unused = False
+
+    def on_train_start(self, *args) -> None:
+        super().on_train_start(*args)
+        self._unused = True  # the bar just drawn, which the first epoch takes
 
     def on_train_epoch_start(self, trainer, *args) -> None:
-        # TQDMProgressBar's, but for the description it would first draw as `Epoch 0`
-        if self._leave:
+        # TQDMProgressBar's, but for the description it would first draw as `Epoch 0`, and for the first epoch,
+        # which goes on the bar drawn at the start (Lightning's left a bar `Training: 0/?` standing above it)
+        if self._leave and not self._unused:
             self.train_progress_bar = self.init_train_tqdm()
+        self._unused = False
         self.train_progress_bar.reset(total=convert_inf(self.total_train_batches))
         self.train_progress_bar.initial = 0
         self.train_progress_bar.set_description(f"Epoch {epoch_of(trainer)}")

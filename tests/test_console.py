@@ -124,6 +124,8 @@ def test_a_terminal_gets_the_bar_counting_epochs_from_one(tiny_data, tmp_path):
     assert code == 0, output[-3000:]
     assert re.search(r"\rEpoch 1/2: +\d+%\|.*\| 0/5 ", output) and re.search(r"Epoch 2/2: 100%\|.*\| 5/5 .*acc=", output)
     assert not re.search(r"Epoch \d+:", output), "an epoch counted from 0"
+    shown = [line.split("\r")[-1] for line in output.split("\r\n")]  # what stays on the screen
+    assert [line[:10] for line in shown if re.match(r"Epoch|Training", line)] == ["Epoch 1/2:", "Epoch 2/2:"]
     assert not EPOCH_LINE.search(output.replace("\r\n", "\n"))  # the bar, not the lines of a file
     assert "Model: \"MNISTClassifier\"" in output and re.search(r"^test_loss: ", output, re.M)
 
