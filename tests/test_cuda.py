@@ -37,7 +37,12 @@ from tests.test_reliability import final_weights, interrupt_at_step  # noqa: E40
 
 pytestmark = pytest.mark.cuda
 
-ACCURACY_BAND = 0.86  # Fashion-MNIST, 5 epochs: the CPU's runs gave 0.8636 to 0.8806 (README, Results)
+# Fashion-MNIST, 5 epochs: the CPU's runs of seeds 42, 1 and 2 gave 0.8636 to 0.8806 (the results page). A GPU
+# rounds otherwise (cuBLAS's order of sums, TF32), which moves a run by tenths of a point: one point under the lowest.
+ACCURACY_BAND = 0.85
+# 5 epochs on 4,500 of the real digits, read on 300 of the other 500: the CPU's models of the tests' real digits
+# (3 epochs, 4,000) read 88.0 to 93.0 % of the held-out ones with seeds 0 to 4.
+REAL_DIGITS_BAND = 0.87
 BAR_EVERY = 20  # src.console.KerasProgressBar's refresh rate: it reads the running metrics every 20 steps
 TORCH = str(Path(torch.__file__).parent)
 
@@ -161,7 +166,8 @@ def test_no_host_sync_inside_a_training_step(fashion, tmp_path, progress):
 
 
 def test_the_training_set_lives_on_the_device_and_no_step_copies_from_the_host(fashion, tmp_path):
-    """Steps 50 to 250 of an epoch, profiled: no copy from the host, only the bar's reads back."""
+    """Steps 50 to 250 of an epoch, profiled: no copy from the host, only the bar's reads back (progress=bar: the
+    epoch lines read nothing back while the epoch goes on, test_no_host_sync_inside_a_training_step)."""
     seen = {}
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                   torch.profiler.ProfilerActivity.CUDA])
@@ -176,7 +182,7 @@ def test_the_training_set_lives_on_the_device_and_no_step_copies_from_the_host(f
                 torch.cuda.synchronize()
                 profiler.start() if batch_idx == 50 else profiler.stop()
 
-    train(one_epoch(fashion), tmp_path / "run", callbacks=(Probe(),))
+    train(one_epoch(fashion, "progress=bar"), tmp_path / "run", callbacks=(Probe(),))
     assert seen["data"] == {"cuda"}
     copies = [e.name for e in profiler.events() if e.name.startswith("Memcpy")]
     record("copies in 200 steps (Memcpy events)", {name: copies.count(name) for name in sorted(set(copies))})
@@ -236,6 +242,7 @@ def test_predict_the_page_and_export_read_a_cuda_checkpoint(cuda_run, fashion, t
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-3000:]
         printed[device] = parse(done.stdout)
+    assert len(printed["cpu"]) == len(printed["cuda"]) == 3, printed  # idx=[0,1,2]: three images each
     assert [p["predicted"] for p in printed["cuda"]] == [p["predicted"] for p in printed["cpu"]]
     for cpu, cuda in zip(printed["cpu"], printed["cuda"]):
         assert cuda["probabilities"] == pytest.approx(cpu["probabilities"], abs=1e-5)
@@ -272,7 +279,7 @@ def test_the_page_reads_users_pictures_with_a_model_trained_on_cuda(tmp_path):
         read.append(max(probabilities, key=probabilities.get) == str(label))
     record("300 held-out real digits, read right: originals, and users' pictures through the page",
            [float(originals.mean()), float(np.mean(read))])
-    assert originals.mean() >= 0.8  # the model learned (one in ten by chance)
+    assert originals.mean() >= REAL_DIGITS_BAND  # the model learned as it does on the CPU
     assert np.mean(read) >= originals.mean() - 0.05  # and the page prepares pictures as MNIST's digits were
 
 
