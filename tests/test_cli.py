@@ -9,13 +9,12 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import ctrl_c_as_in_a_terminal, entry_env
+from tests.conftest import entry_env, needs_extra, start_paused, wait_for
 
 
 def run(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -76,52 +75,9 @@ def test_a_python_m_process_collects_garbage_less_often_and_not_at_exit_and_keep
         assert result.stderr.splitlines()[-2].startswith("error: idx=")
 
 
-# A sitecustomize for a process that a test interrupts at a known point: once the run has put its first last.ckpt
-# in place (src/atomic.py renames it there with os.replace), the process writes the file PAUSED_FILE and waits
-# until SIGINT comes, then goes on with it as a Ctrl-C at that point. So the signal lands after the first epoch's
-# checkpoint and before the next step, whatever the load of the machine.
-PAUSE_AT_FIRST_CHECKPOINT = """
-import os, signal, time
-_replace, _paused = os.replace, []
-
-def replace(src, dst, *args, **kwargs):
-    _replace(src, dst, *args, **kwargs)
-    if str(dst).endswith("last.ckpt") and not _paused:
-        _paused.append(True)
-        handler, heard = signal.getsignal(signal.SIGINT), []
-
-        def hear(signum, frame):
-            heard.append(signum)
-            signal.signal(signal.SIGINT, handler)
-            handler(signum, frame)
-
-        signal.signal(signal.SIGINT, hear)
-        open(os.environ["PAUSED_FILE"], "w").close()
-        while not heard:
-            time.sleep(0.01)
-
-os.replace = replace
-"""
-
-
-def start_paused(module: str, *args: str, cwd: Path) -> tuple[subprocess.Popen, Path]:
-    """`python -m MODULE ARGS`, which pauses at its first last.ckpt; the file that says it has paused."""
-    site, paused = cwd / "pause-site", cwd / "paused"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(PAUSE_AT_FIRST_CHECKPOINT)
-    env = entry_env(PAUSED_FILE=str(paused))
-    env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
-    process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_as_in_a_terminal)
-    return process, paused
-
-
-def interrupt_when(process: subprocess.Popen, ready: Path, timeout: float = 300) -> tuple[str, str]:
+def interrupt_when(process: subprocess.Popen, ready: Path) -> tuple[str, str]:
     """Ctrl-C to `process` once it has written `ready`; its output."""
-    deadline = time.time() + timeout
-    while not ready.exists():
-        assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
-        time.sleep(0.05)
+    wait_for(ready, process)
     process.send_signal(signal.SIGINT)
     return process.communicate(timeout=120)
 
@@ -142,7 +98,8 @@ RUN = ("data.batch_size=60", "model.hidden=16", "trainer.max_epochs=3", "trainer
 def test_an_interrupted_run_or_sweep_job_resumes_with_the_printed_command(tiny_data, tmp_path, sweep):
     folder = ["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}"] if sweep else [f"hydra.run.dir={tmp_path / 'run'}"]
     checkpoint = tmp_path / ("sweep/0" if sweep else "run") / "checkpoints" / "last.ckpt"
-    process, paused = start_paused("src.train", *folder, f"data.data_dir={tiny_data}", *RUN, cwd=tmp_path)
+    process, paused = start_paused(["-m", "src.train", *folder, f"data.data_dir={tiny_data}", *RUN], tmp_path,
+                                   after="last.ckpt")
     _, err = interrupt_when(process, paused)
     assert process.returncode == 1
     saved = torch.load(checkpoint, weights_only=True)["global_step"]
@@ -162,13 +119,14 @@ def test_an_interrupted_run_or_sweep_job_resumes_with_the_printed_command(tiny_d
 
 @pytest.mark.slow
 def test_an_interrupted_trial_prints_the_search_command_which_continues_the_study(tiny_data, tmp_path):
+    needs_extra("sweep", "optuna", "optuna_integration")
     import optuna
 
     study_dir = tmp_path / "study"
     args = [f"data.data_dir={tiny_data}", "data.val_size=100", *RUN, "hparams_search.n_trials=2",
             "hparams_search.params.data.batch_size.choices=[60]",
             "hparams_search.params.optimizer.lr.high=1e-3", f"hydra.run.dir={study_dir}"]
-    process, paused = start_paused("src.tune", *args, cwd=tmp_path)
+    process, paused = start_paused(["-m", "src.tune", *args], tmp_path, after="last.ckpt")
     _, err = interrupt_when(process, paused)
     assert torch.load(study_dir / "trial_0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 9
     assert process.returncode == 1

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import entry_env, logged
+from tests.conftest import entry_env, logged, needs_extra
 from tests.test_console import check_epoch_lines
 from tests.test_sweep import completed_jobs, read_summary, run
 
@@ -267,6 +267,7 @@ SEARCH = ["data.val_size=100", "trainer.max_epochs=3", "hparams_search.pruner.n_
 
 def check_study(study_dir: Path, n_trials: int, worker_logs: list[str], epochs: int = 3):
     """Every trial of the study ran once, in one worker, in its own folder; none is left running."""
+    needs_extra("sweep", "optuna", "optuna_integration")
     import optuna
     from optuna.trial import TrialState
 
@@ -325,6 +326,7 @@ def test_optuna_workers_as_slurm_jobs_share_one_study(slurm_cluster, tiny_data, 
 
 
 def test_a_sqlite_study_from_before_is_still_resumed(tiny_data, tmp_path):
+    needs_extra("sweep", "optuna", "optuna_integration")
     import optuna
 
     study_dir = tmp_path / "study"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import compose_config, compose_train, entry_env, logged
+from tests.conftest import compose_config, compose_train, entry_env, logged, needs_extra
 from tests.test_console import check_epoch_lines
 
 
@@ -201,6 +201,7 @@ def test_ddp_cpu_trains_on_two_processes_on_halves_of_each_epoch_and_reduces_met
 
 @pytest.mark.slow
 def test_optuna_search_prunes_fails_and_resumes(tiny_data, tmp_path):
+    needs_extra("sweep", "optuna", "optuna_integration")
     import optuna
     from optuna.trial import TrialState
 
