@@ -250,6 +250,47 @@ def test_the_search_schema_stays_out_of_training_configs():
     assert OmegaConf.get_type(train).__name__ == "TrainConfig" and "hparams_search" not in train
 
 
+P = "hparams_search.params"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([f"{P}.optimizer.lr.low=0"], f"{P}.optimizer.lr.low=0 is not valid: a log scale needs low > 0"),
+    ([f"{P}.optimizer.lr.low=1"], f"{P}.optimizer.lr.low=1 is not valid: expected low < high, and high=0.1"),
+    ([f"{P}.optimizer.lr.high=abc"], f"{P}.optimizer.lr.high='abc' is not valid: expected a number (expected "
+                                     "{low: A, high: B}, with log: true for a log scale, or {choices: [A, B, ...]})"),
+    ([f"{P}.optimizer.lr.log=maybe"], f"{P}.optimizer.lr.log='maybe' is not valid: expected true or false"),
+    ([f"+{P}.optimizer.lr.step=2"], f"{P}.optimizer.lr={{low: 1e-05, high: 0.1, log: true, step: 2}} is not valid: "
+                                   "expected {low: A, high: B}, with log: true for a log scale, or {choices: [A, B, ...]}"),
+    ([f"{P}.model.hidden.low=32.5"], f"{P}.model.hidden={{low: 32.5, high: 1024, log: true}} is not valid: "
+                                     "model.hidden takes whole numbers, so low and high must be whole numbers"),
+    ([f"{P}.data.batch_size.choices=[]"], f"{P}.data.batch_size.choices=[] is not valid: expected a list of one or "
+                                          "more values, e.g. [32, 64, 128]"),
+    ([f"{P}.data.batch_size.choices=[0,64]"], f"{P}.data.batch_size is not valid: a trial could get data.batch_size=0, "
+                                              "which training refuses: data.batch_size=0 is not valid: expected a "
+                                              "positive integer"),
+    ([f"+{P}.optimizer.rho={{low: 0.5, high: 1.0}}"],
+     f"{P}.optimizer.rho is not valid: a trial could get optimizer.rho=1.0, which training refuses: "
+     "optimizer.rho=1.0 is not valid: expected 0 <= rho < 1"),
+    ([f"+{P}.model.width={{low: 1, high: 2}}"], f"{P}.model.width is not valid: model.width is not a key of the "
+                                               "training config"),
+    (["hparams_search.pruner.n_warmup_steps=-1"], "hparams_search.pruner.n_warmup_steps=-1 is not valid: expected 0 "
+                                                  "or more"),
+    (["hparams_search.pruner.n_startup_trials=-2"], "hparams_search.pruner.n_startup_trials=-2 is not valid: expected "
+                                                    "0 or more"),
+    (["hparams_search.study_name=''"], "hparams_search.study_name='' is not valid: expected a name"),
+])
+def test_every_setting_of_the_search_is_checked_before_the_study_opens(tmp_path, overrides, message):
+    needs_extra("sweep", "optuna", "optuna_integration")
+    from src.errors import UserError
+    from src.run_context import RunContext
+    from src.tune import tune
+
+    with pytest.raises(UserError) as refused:
+        tune(compose_config("hparams_search/optuna", *overrides), RunContext(output_dir=tmp_path / "study"))
+    assert str(refused.value) == message
+    assert not (tmp_path / "study").exists()
+
+
 def test_optuna_search_refuses_to_tune_on_the_test_set(tmp_path):
     result = run("src.tune", "data.val_size=0", f"hydra.run.dir={tmp_path / 'study'}", cwd=tmp_path)
     assert result.returncode == 1
