@@ -191,7 +191,8 @@ def fit_project(x, y, x_test, y_test, epochs: int):
                 tempfile.TemporaryDirectory() as run_dir, \
                 patch.object(MNISTDataModule, "setup", same_tensors), \
                 patch.object(MNISTDataModule, "prepare_data", lambda self: None):
-            cfg = compose("train", overrides=[f"trainer.max_epochs={epochs}", "trainer.accelerator=cpu"])
+            # progress=bar: the bar, as in a terminal, whether or not this benchmark's output is one
+            cfg = compose("train", overrides=[f"trainer.max_epochs={epochs}", "trainer.accelerator=cpu", "progress=bar"])
             train(cfg, run_dir, callbacks=(callback,))
     return fit
 
@@ -253,7 +254,7 @@ def device_mode(args) -> dict:
 
     overrides = ["data=fashion_mnist", f"data.data_dir={args.data}", f"trainer.max_epochs={args.epochs}",
                  f"model.hidden={args.hidden}", f"trainer.precision={args.precision}",
-                 f"model.compile={str(args.compile).lower()}"]
+                 f"model.compile={str(args.compile).lower()}", "progress=bar"]
     figures = {}
 
     def make_hand(trainer):

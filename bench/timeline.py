@@ -1,13 +1,14 @@
 """Where a whole run's time goes, part by part: `python -m src.train data=fashion_mnist` against
 bench/plain_train.py, each in a process of its own, alternating, in the base-only venv.
 
-    python bench/timeline.py [--repeats 3] [--epochs 5] [--python PYTHON]
+    python bench/timeline.py [--repeats 3] [--epochs 5] [--python PYTHON] [--keep DIR]
 
 Each process is started through this file (`--inside project|plain`), which notes the time since the
 process began where its parts meet and prints the notes at exit. The notes only read the clock, from
 wrappers around the calls where a part begins or ends and, for the project, a Lightning callback.
 The exit runs from the last figure saved until the process has ended, timed from outside. The table
-holds medians.
+holds medians. `--keep DIR` keeps each run's folder in DIR (project0/, plain0/, ...) and its marks, with
+the clock time the process began, in DIR/marks.json: the files' times there show where the parts met.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import importlib
+import json
 import os
 import runpy
 import statistics
@@ -110,7 +112,8 @@ def parts(marks: dict[str, float], wall: float) -> dict[str, float]:
     return {name: end - begin for name, begin, end in zip(PARTS, [0.0, *ends], ends)} | {"whole process": wall}
 
 
-def run_one(python: str, which: str, out: Path, epochs: int) -> dict[str, float]:
+def run_one(python: str, which: str, out: Path, epochs: int) -> tuple[dict[str, float], dict[str, float]]:
+    """One timed process: its parts, and its marks (seconds since it began; `began`: that moment's clock time)."""
     arguments = (["data=fashion_mnist", f"trainer.max_epochs={epochs}", f"hydra.run.dir={out}"] if which == "project"
                  else [f"--epochs={epochs}", f"--out={out}"])
     start = time.perf_counter()
@@ -120,12 +123,14 @@ def run_one(python: str, which: str, out: Path, epochs: int) -> dict[str, float]
     if result.returncode != 0:
         raise SystemExit(f"error: the {which} run failed:\n{result.stderr[-2000:]}")
     line = [line for line in result.stderr.splitlines() if line.startswith("TIMELINE ")][-1]
-    return parts({k: float(v) for k, v in (item.split("=") for item in line.split()[1:])}, wall)
+    marks = {k: float(v) for k, v in (item.split("=") for item in line.split()[1:])}
+    return parts(dict(marks), wall), {**marks, "wall": wall}
 
 
 def main() -> None:
     if sys.argv[1:2] == ["--inside"]:  # one of the timed processes: the rest of the command line is its own
-        atexit.register(lambda: print("TIMELINE " + " ".join(f"{k}={v:.3f}" for k, v in MARKS.items()),
+        began = time.time() - since_start()
+        atexit.register(lambda: print(f"TIMELINE began={began:.3f} " + " ".join(f"{k}={v:.3f}" for k, v in MARKS.items()),
                                       file=sys.stderr, flush=True))
         (inside_project if sys.argv[2] == "project" else inside_plain)(sys.argv[3:])
         return
@@ -133,6 +138,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--python", help="the Python of both (default: the base-only venv of bench/speed.py)")
+    parser.add_argument("--keep", type=Path, help="keep the runs' folders and their marks (marks.json) here")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "bench"))
     from speed import FASHION, base_python
@@ -145,10 +151,15 @@ def main() -> None:
     prepare_files("fashion_mnist", ROOT / "data")  # where both read it
     python = args.python or base_python()
     runs: dict[str, list[dict[str, float]]] = {"plain": [], "project": []}
+    kept: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        folder = args.keep or Path(tmp)
         for i in range(args.repeats):
             for which in runs:
-                runs[which].append(run_one(python, which, Path(tmp) / f"{which}{i}", args.epochs))
+                timed, kept[f"{which}{i}"] = run_one(python, which, folder / f"{which}{i}", args.epochs)
+                runs[which].append(timed)
+    if args.keep:
+        (args.keep / "marks.json").write_text(json.dumps(kept, indent=1))
     print(f"# run by {python}; {args.epochs} epochs; medians of {args.repeats} alternating runs, seconds")
     print("| part | plain script | project | difference |\n|---|---|---|---|")
     for part in runs["plain"][0]:

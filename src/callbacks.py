@@ -1,6 +1,6 @@
-"""Lightning extensions the training run uses: a Keras-like progress bar, a checkpoint on
+"""Lightning extensions the training run uses: checkpoint names that count epochs from 1, a checkpoint on
 Ctrl-C/SIGTERM, checkpoint files that are never left half-written, every epoch's validation figures,
-and the compile time."""
+and the compile time. (What the run prints is src/console.py's.)"""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -24,22 +24,21 @@ from src.run_context import RunContext
 from src.run_files import LAST_CKPT
 
 
-class KerasProgressBar(TQDMProgressBar):
-    """One bar per epoch showing the epoch's running loss and accuracy, as Keras's fit() does.
+class KerasEpochCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint whose file names count epochs from 1, as Keras's ModelCheckpoint fills `{epoch}` and as
+    the console counts them (`Epoch 1/5`): the best of the fifth epoch is best-epoch05-... (Lightning: epoch04).
+    The checkpoint's own `epoch` and metrics.csv keep Lightning's count from 0."""
 
-    The running means are read from the model's metrics only when the bar refreshes, so the
-    training step itself never waits for a device-to-host copy.
-    """
+    def format_checkpoint_name(self, metrics, filename=None, ver=None, prefix=None):
+        if "epoch" in metrics:
+            metrics = {**metrics, "epoch": metrics["epoch"] + 1}
+        return super().format_checkpoint_name(metrics, filename, ver, prefix)
 
-    def __init__(self, refresh_rate: int = 20):
-        super().__init__(refresh_rate=refresh_rate, leave=True)
-
-    def get_metrics(self, trainer, pl_module):
-        metrics = super().get_metrics(trainer, pl_module)
-        metrics.pop("v_num", None)
-        if trainer.training:
-            metrics.update({k: f"{v:.4f}" for k, v in pl_module.running_metrics("train").items()})
-        return metrics
+    @property
+    def state_key(self) -> str:
+        # Lightning keys a callback's state in the checkpoint by its class name: keep ModelCheckpoint's, so that
+        # runs written before this class existed resume with their record of the best epoch.
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
 
 
 class CompileTime(L.Callback):

@@ -9,6 +9,7 @@ traceback. HYDRA_FULL_ERROR=1 shows Hydra's own report instead.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import re
 import sys
@@ -28,6 +29,15 @@ LAUNCHER_PLUGINS = {
     "slurm": "hydra_plugins.hydra_submitit_launcher",  # conf/hydra/launcher/slurm.yaml extends submitit_slurm
     "slurm_cpu": "hydra_plugins.hydra_submitit_launcher",
 }
+
+
+class ConsoleFormatter(logging.Formatter):
+    """The console's log lines (conf/hydra/job_logging/console.yaml): a message as print() would show it, and
+    `warning: ...` for a warning or worse, without Hydra's date and logger name (train.log keeps those)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        return text if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {text}"
 
 
 def entry_point(config_name: str):

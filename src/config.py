@@ -18,6 +18,7 @@ DATASETS = ("mnist", "fashion_mnist")
 LABELS = ("one_hot", "integer")  # to_categorical's one-hot rows (the 1st edition), or the digits themselves (2nd, 3rd)
 OPTIMIZERS = ("rmsprop", "adam", "sgd")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+PROGRESS = ("auto", "bar", "lines")  # src/console.py: a bar on a terminal, one line per epoch elsewhere
 
 
 def _check(ok: bool, key: str, value: Any, valid: str) -> None:
@@ -146,8 +147,11 @@ class TrainConfig:
     ckpt_path: Optional[str] = None  # resume training from this checkpoint
     optimized_metric: Optional[str] = None  # what main returns to a sweep; None: val/acc with a val split, else test/acc
     test_ckpt: Optional[str] = None  # the weights tested: best or last; None: best with a val split, else last
+    progress: str = "auto"  # auto: a bar on a terminal, one line per epoch elsewhere; bar; lines
 
     def __post_init__(self) -> None:
+        _check(self.progress in PROGRESS, "progress", self.progress,
+               f"expected one of {', '.join(PROGRESS)} (auto: a bar on a terminal, one line per epoch otherwise)")
         metrics = ("val/acc", "val/loss", "test/acc", "test/loss", "train/acc", "train/loss")
         _check(self.optimized_metric in (None, *metrics), "optimized_metric", self.optimized_metric,
                f"expected one of {', '.join(metrics)}")

@@ -35,6 +35,8 @@ class MNISTClassifier(L.LightningModule):
         self.save_hyperparameters()
         self.optimizer_settings = OptimizerConfig(name=optimizer, **optimizer_settings)
         self.net = build_mlp(input_size, hidden, num_classes)
+        # One image: Lightning's model summary runs it through the network for its output shapes and FLOPs.
+        self.example_input_array = torch.zeros(1, input_size)
         # Metrics accumulate on the device with no sync per step; they are computed locally
         # (the progress bar reads them mid-epoch on one process) and averaged over processes
         # when logged at epoch end.

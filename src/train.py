@@ -43,7 +43,8 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = (), context: 
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from src import plots, tracking
-    from src.callbacks import AtomicCheckpointIO, CheckpointOnInterrupt, CompileTime, KerasProgressBar, ValidationRecord
+    from src.callbacks import AtomicCheckpointIO, CheckpointOnInterrupt, CompileTime, KerasEpochCheckpoint, ValidationRecord
+    from src.console import EpochLines, RunHeader, progress_callback
     from src.data import MNISTDataModule
     from src.idx import DATASET_CLASSES
     from src.model import MNISTClassifier
@@ -63,7 +64,7 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = (), context: 
     # With a validation split the best checkpoint comes first: it saves first, so that last.ckpt holds its
     # record of the same epoch (not the epoch before), which a run resumed in the same folder goes on from.
     last = ModelCheckpoint(dirpath=checkpoint_dir, filename=run_files.LAST, enable_version_counter=False)
-    best = ModelCheckpoint(dirpath=checkpoint_dir, monitor="val/acc", mode="max",
+    best = KerasEpochCheckpoint(dirpath=checkpoint_dir, monitor="val/acc", mode="max",
                            filename=run_files.BEST, auto_insert_metric_name=False)
     checkpoints = [best, last] if has_val else [last]
     record = ValidationRecord()
@@ -71,16 +72,21 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = (), context: 
     stopper = EarlyStopping(monitor="val/acc", mode="max", patience=early_stopping.patience,
                             min_delta=early_stopping.min_delta) if early_stopping.enabled else None
     loggers, logger_callbacks = tracking.build_loggers(config, run_dir, resume_from, context)  # metrics.csv, logger=...
+    # A bar, or one line per epoch (whose figures come to it as to the loggers); nothing with enable_progress_bar=false.
+    progress = progress_callback(config.progress) if config.trainer.enable_progress_bar else None
+    if isinstance(progress, EpochLines):
+        loggers.append(progress.figures)
     trainer_args = {k: v for k, v in dataclasses.asdict(config.trainer).items() if v is not None}
     limit_val_batches = trainer_args.pop("limit_val_batches", 1.0) if has_val else 0
     trainer = L.Trainer(
         **trainer_args,
         default_root_dir=run_dir,
         logger=loggers,
-        callbacks=[*checkpoints, record, *([stopper] if stopper else []), CheckpointOnInterrupt(checkpoint_dir, context),
-                   *logger_callbacks, *callbacks]
+        callbacks=[RunHeader(config.trainer.accelerator), *checkpoints, record, *([stopper] if stopper else []),
+                   CheckpointOnInterrupt(checkpoint_dir, context), *logger_callbacks, *callbacks]
         + ([CompileTime()] if config.model.compile else [])
-        + ([KerasProgressBar()] if config.trainer.enable_progress_bar else []),
+        + ([progress] if progress else []),
+        enable_model_summary=False,  # RunHeader prints the layers as Keras's model.summary() does
         plugins=[AtomicCheckpointIO()],
         limit_val_batches=limit_val_batches,
         num_sanity_val_steps=0,
@@ -151,12 +157,22 @@ def _refuse_ddp_in_a_local_sweep(config: TrainConfig, context: RunContext) -> No
                         "on this machine: use hydra/launcher=slurm, or run it without -m")
 
 
+# Lightning's lines that the console says otherwise (src/console.py's device line), or that say nothing:
+# advertising, the normal end of training, and that a validation split is validated whole.
+_UNSAID = ("💡 Tip", "GPU available: ", "TPU available: ", "`Trainer.fit` stopped: `max_epochs=",
+           "`Trainer(limit_val_batches=1.0)` was configured")
+
+
 def _quiet_lightning() -> None:
     # Lightning adds its own console handler; under Hydra the root logger already prints (and
     # writes train.log), so without this every Lightning message would appear twice.
     logging.getLogger("lightning").handlers.clear()
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: not str(record.msg).startswith("💡 Tip"))  # advertising, not information
+        lambda record: not str(record.msg).startswith(_UNSAID))
+    # On every machine where SLURM is installed: said once, where it matters, by src/console.py.
+    warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
+    # Lightning's summary sizes mixed precision's weights; RunHeader's summary counts their bytes itself.
+    warnings.filterwarnings("ignore", message="Precision .* is not supported by the model summary")
     # The run folder already holds .hydra/ and train.log; the CSV logger only replaces its own metrics.csv.
     warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
     # The training batches resume mid-epoch from the step count (src/data.py), without loader state.

@@ -38,6 +38,11 @@ class PrunerConfig:
     n_startup_trials: int = 5
     n_warmup_steps: int = 1
 
+    def __post_init__(self) -> None:
+        for key in ("n_startup_trials", "n_warmup_steps"):
+            if getattr(self, key) < 0:
+                raise UserError(f"hparams_search.pruner.{key}={getattr(self, key)!r} is not valid: expected 0 or more")
+
 
 @dataclass
 class SearchConfig:
@@ -49,6 +54,8 @@ class SearchConfig:
     storage: Optional[str] = None  # None: journal.log in the study folder; or a database URL
 
     def __post_init__(self) -> None:
+        if not self.study_name.strip():
+            raise UserError(f"hparams_search.study_name={self.study_name!r} is not valid: expected a name")
         if self.n_trials < 1:
             raise UserError(f"hparams_search.n_trials={self.n_trials!r} is not valid: expected 1 or more")
         if self.storage is not None and "://" not in self.storage:
@@ -76,18 +83,76 @@ def search_space(params: dict, prefix: str = "") -> dict[str, dict]:
     return space
 
 
+SPEC = "expected {low: A, high: B}, with log: true for a log scale, or {choices: [A, B, ...]}"
+
+
+def _as_written(spec: Any) -> str:
+    """A spec as the command line writes it: {low: 32, high: 1024, log: true}."""
+    if isinstance(spec, dict):
+        return "{" + ", ".join(f"{k}: {_as_written(v)}" for k, v in spec.items()) + "}"
+    if isinstance(spec, list):
+        return "[" + ", ".join(map(_as_written, spec)) + "]"
+    return "true" if spec is True else "false" if spec is False else "null" if spec is None else str(spec)
+
+
+def check_space(cfg: DictConfig, space: dict[str, Any]) -> None:
+    """Every searched key's range or choices, checked before the study is opened, as training checks its keys: the
+    form, the bounds (numbers, low < high, low > 0 on a log scale, whole numbers for a key of whole numbers), and
+    each bound and choice put into the training config and checked there, so that no trial fails on a setting."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from src.errors import one_line
+
+    for key, spec in space.items():
+        name = f"hparams_search.params.{key}"
+        current = OmegaConf.select(cfg, key, default=None)
+        if current is None:
+            raise UserError(f"{name} is not valid: {key} is not a key of the training config")
+        if not isinstance(spec, dict) or ("choices" in spec) == bool({"low", "high", "log"} & spec.keys()) \
+                or spec.keys() - {"low", "high", "log", "choices"}:
+            raise UserError(f"{name}={_as_written(spec)} is not valid: {SPEC}")
+        if "choices" in spec:
+            values = spec["choices"]
+            if not isinstance(values, list) or not values or \
+                    not all(v is None or isinstance(v, (bool, int, float, str)) for v in values):
+                raise UserError(f"{name}.choices={values!r} is not valid: expected a list of one or more values, "
+                                f"e.g. [32, 64, 128]")
+        else:
+            low, high, log = spec.get("low"), spec.get("high"), spec.get("log", False)
+            for bound, value in (("low", low), ("high", high)):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise UserError(f"{name}.{bound}={value!r} is not valid: expected a number ({SPEC})")
+            if not isinstance(log, bool):
+                raise UserError(f"{name}.log={log!r} is not valid: expected true or false")
+            if not low < high:
+                raise UserError(f"{name}.low={low!r} is not valid: expected low < high, and high={high!r}")
+            if log and low <= 0:
+                raise UserError(f"{name}.low={low!r} is not valid: a log scale needs low > 0")
+            if isinstance(current, int) and not isinstance(current, bool) and not (
+                    isinstance(low, int) and isinstance(high, int)):
+                raise UserError(f"{name}={_as_written(spec)} is not valid: {key} takes whole numbers, so low and "
+                                "high must be whole numbers")
+            values = [low, high]
+        for value in values:
+            trial_cfg = copy.deepcopy(cfg)
+            try:
+                OmegaConf.update(trial_cfg, key, value)
+                validated(trial_cfg)
+            except (UserError, OmegaConfBaseException) as error:
+                raise UserError(f"{name} is not valid: a trial could get {key}={value!r}, which training refuses: "
+                                f"{one_line(error)}") from None
+
+
 def suggest(trial, space: dict) -> dict[str, Any]:
-    """One value per key of the search space, as Optuna's trial.suggest_* draws it."""
+    """One value per key of the search space (checked: check_space), as Optuna's trial.suggest_* draws it."""
     values = {}
     for key, spec in space.items():
         if "choices" in spec:
             values[key] = trial.suggest_categorical(key, list(spec["choices"]))
-        elif isinstance(spec.get("low"), int) and isinstance(spec.get("high"), int):
+        elif isinstance(spec["low"], int) and isinstance(spec["high"], int):
             values[key] = trial.suggest_int(key, spec["low"], spec["high"], log=spec.get("log", False))
-        elif "low" in spec and "high" in spec:
-            values[key] = trial.suggest_float(key, spec["low"], spec["high"], log=spec.get("log", False))
         else:
-            raise UserError(f"hparams_search.params.{key}={spec} is not valid: expected {{low, high[, log]}} or {{choices}}")
+            values[key] = trial.suggest_float(key, spec["low"], spec["high"], log=spec.get("log", False))
     return values
 
 
@@ -107,9 +172,7 @@ def tune(cfg: DictConfig, context: RunContext):
     space = search_space(OmegaConf.to_container(cfg.hparams_search.params) or {})
     if not space:
         raise UserError("hparams_search.params is empty: give at least one key to search")
-    for key in space:
-        if OmegaConf.select(cfg, key, default=None) is None:
-            raise UserError(f"hparams_search.params.{key} is not valid: {key} is not a key of the training config")
+    check_space(cfg, space)
 
     import optuna
     from filelock import FileLock
@@ -188,7 +251,7 @@ def open_storage(url: str | None, study_dir: Path):
     journal, legacy = study_dir / "journal.log", study_dir / "study.db"
     if legacy.is_file() and not journal.exists():
         log.warning("resuming %s (SQLite): run one worker at a time on it, or copy it into journal.log "
-                    "with optuna.copy_study (see the README) to run several", legacy)
+                    "with optuna.copy_study (see docs/sweeps.md) to run several", legacy)
         return database(f"sqlite:///{legacy.resolve()}")
     from src.journal import WholeRecordsJournal
 

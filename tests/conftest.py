@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,6 @@ runpy.run_module("{module}", run_name="__main__", alter_sys=True)
 def run_reporting_imports(module: str, *args: str, cwd: Path, watched=("lightning", "torchvision")):
     """`python -m MODULE ARGS` in a process that prints, as it exits, a line `imported: [...]`: which of the
     `watched` packages it imported (each takes seconds; an entry point that does not need one must not)."""
-    import subprocess
     import sys
 
     code = REPORT_IMPORTS.format(module=module, args=list(args), watched=set(watched))
@@ -84,6 +84,62 @@ def ctrl_c_as_in_a_terminal() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+# A sitecustomize for a process that a test stops or disturbs at a known point: once the run has put the file
+# named PAUSE_AFTER in place for the first time (src/atomic.py renames every file it writes there with
+# os.replace), it writes PAUSED_FILE and waits until SIGINT comes (then goes on with it, as a Ctrl-C at that
+# point) or until the test creates PAUSED_FILE.go. So a signal or a full disk comes between two known writes,
+# whatever the load of the machine.
+PAUSE_SITE = """
+import os, signal, time
+_replace, _paused = os.replace, []
+
+def replace(src, dst, *args, **kwargs):
+    _replace(src, dst, *args, **kwargs)
+    if os.path.basename(str(dst)) == os.environ["PAUSE_AFTER"] and not _paused:
+        _paused.append(True)
+        handler, heard = signal.getsignal(signal.SIGINT), []
+
+        def hear(signum, frame):
+            heard.append(signum)
+            signal.signal(signal.SIGINT, handler)
+            handler(signum, frame)
+
+        signal.signal(signal.SIGINT, hear)
+        paused = os.environ["PAUSED_FILE"]
+        open(paused, "w").close()
+        while not heard and not os.path.exists(paused + ".go"):
+            time.sleep(0.01)
+        signal.signal(signal.SIGINT, handler)
+
+os.replace = replace
+"""
+
+
+def start_paused(args: list[str], cwd: Path, after: str) -> tuple[subprocess.Popen, Path]:
+    """`python ARGS` in `cwd`, pausing once it has put its first file named `after` in place (PAUSE_SITE); and
+    the file it writes then. Create that file's sibling `NAME.go`, or send SIGINT, to let it go on."""
+    import sys
+
+    site, paused = cwd / "pause-site", cwd / "paused"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(PAUSE_SITE)
+    env = entry_env(PAUSED_FILE=str(paused), PAUSE_AFTER=after)
+    env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
+    process = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_as_in_a_terminal)
+    return process, paused
+
+
+def wait_for(path: Path, process, timeout: float = 300) -> None:
+    """Until the running `process` has written `path` (its own signal that it reached a point)."""
+    import time
+
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.02)
 
 
 def free_port() -> int:
@@ -108,7 +164,9 @@ def needs_extra(extra: str, *modules: str) -> None:
     """Skip a test whose optional packages are not installed (under CI, fail: `pip install -e ".[dev]"`
     installs every extra). Called, and the packages imported, in the tests that use them: a missing extra
     skips only those, not the whole file."""
-    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    from src.extras import installed  # the project's own check: it knows optuna_integration's lazy module
+
+    missing = [name for name in modules if not installed(name)]
     needs(not missing, f"{', '.join(missing)} not installed: pip install -e \".[{extra}]\"")
 
 
@@ -213,7 +271,6 @@ def slurm_cluster() -> dict[str, str]:
 
     Skipped where it cannot run (not root; SLURM missing and no apt-get), unless CI is set."""
     import shutil
-    import subprocess
 
     reason = None
     if os.geteuid() != 0:

@@ -9,19 +9,12 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import ctrl_c_as_in_a_terminal, entry_env
-
-
-def start(module: str, *args: str, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=entry_env(), stdout=subprocess.PIPE,
-                            preexec_fn=ctrl_c_as_in_a_terminal,
-                            stderr=subprocess.PIPE, text=True)
+from tests.conftest import entry_env, needs_extra, start_paused, wait_for
 
 
 def run(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -82,13 +75,9 @@ def test_a_python_m_process_collects_garbage_less_often_and_not_at_exit_and_keep
         assert result.stderr.splitlines()[-2].startswith("error: idx=")
 
 
-def interrupt_when(process: subprocess.Popen, ready: Path, timeout: float = 120) -> tuple[str, str]:
-    """Ctrl-C to `process` once `ready` exists; its output."""
-    deadline = time.time() + timeout
-    while not ready.exists():
-        assert process.poll() is None and time.time() < deadline, process.communicate()[1][-3000:]
-        time.sleep(0.2)
-    time.sleep(0.1)
+def interrupt_when(process: subprocess.Popen, ready: Path) -> tuple[str, str]:
+    """Ctrl-C to `process` once it has written `ready`; its output."""
+    wait_for(ready, process)
     process.send_signal(signal.SIGINT)
     return process.communicate(timeout=120)
 
@@ -100,9 +89,8 @@ def printed_command(err: str) -> list[str]:
     return words[2:]
 
 
-# 600 tiny images one at a time: 600 steps an epoch, half a second or more, so that Ctrl-C sent just after
-# the first epoch's checkpoint stops the run before its end.
-SLOW = ("data.batch_size=1", "model.hidden=16", "trainer.max_epochs=3", "trainer.enable_progress_bar=False")  # as a sweep job spells it
+# 600 tiny images in batches of 60: 10 steps an epoch. The run is stopped right after the first epoch's checkpoint.
+RUN = ("data.batch_size=60", "model.hidden=16", "trainer.max_epochs=3", "trainer.enable_progress_bar=False")  # as a sweep job spells it
 
 
 @pytest.mark.slow
@@ -110,34 +98,37 @@ SLOW = ("data.batch_size=1", "model.hidden=16", "trainer.max_epochs=3", "trainer
 def test_an_interrupted_run_or_sweep_job_resumes_with_the_printed_command(tiny_data, tmp_path, sweep):
     folder = ["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}"] if sweep else [f"hydra.run.dir={tmp_path / 'run'}"]
     checkpoint = tmp_path / ("sweep/0" if sweep else "run") / "checkpoints" / "last.ckpt"
-    process = start("src.train", *folder, f"data.data_dir={tiny_data}", *SLOW, cwd=tmp_path)
-    _, err = interrupt_when(process, checkpoint)
+    process, paused = start_paused(["-m", "src.train", *folder, f"data.data_dir={tiny_data}", *RUN], tmp_path,
+                                   after="last.ckpt")
+    _, err = interrupt_when(process, paused)
     assert process.returncode == 1
     saved = torch.load(checkpoint, weights_only=True)["global_step"]
-    assert 600 <= saved < 1800  # stopped after the first epoch, before the last one ended
+    assert saved == 10  # stopped where the signal came: after the first epoch, before the next step
     command = printed_command(err)
-    assert command == ["src.train", f"data.data_dir={tiny_data}", *SLOW, f"ckpt_path={checkpoint}"]
+    assert command == ["src.train", f"data.data_dir={tiny_data}", *RUN, f"ckpt_path={checkpoint}"]
 
     resumed = run(*command, cwd=tmp_path)  # as printed, from the same folder
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"Restoring states from the checkpoint path at {checkpoint}" in resumed.stdout + resumed.stderr
     [folder] = (tmp_path / "outputs").glob("*/*")
-    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 1800
+    assert torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 30
     with open(folder / "metrics.csv", newline="") as f:
         trained = {int(row["epoch"]) for row in csv.DictReader(f) if row["train/loss"]}
-    assert trained == set(range(saved // 600, 3))  # the epoch it was stopped in, and those after it
+    assert trained == {1, 2}  # the epochs after the one it had finished
 
 
 @pytest.mark.slow
 def test_an_interrupted_trial_prints_the_search_command_which_continues_the_study(tiny_data, tmp_path):
+    needs_extra("sweep", "optuna", "optuna_integration")
     import optuna
 
     study_dir = tmp_path / "study"
-    args = [f"data.data_dir={tiny_data}", "data.val_size=100", *SLOW, "hparams_search.n_trials=2",
-            "hparams_search.params.data.batch_size.choices=[1]",
+    args = [f"data.data_dir={tiny_data}", "data.val_size=100", *RUN, "hparams_search.n_trials=2",
+            "hparams_search.params.data.batch_size.choices=[60]",
             "hparams_search.params.optimizer.lr.high=1e-3", f"hydra.run.dir={study_dir}"]
-    process = start("src.tune", *args, cwd=tmp_path)
-    _, err = interrupt_when(process, study_dir / "trial_0" / "checkpoints" / "last.ckpt")
+    process, paused = start_paused(["-m", "src.tune", *args], tmp_path, after="last.ckpt")
+    _, err = interrupt_when(process, paused)
+    assert torch.load(study_dir / "trial_0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 9
     assert process.returncode == 1
     command = printed_command(err)
     # Not src.train with the search's keys and without the trial's sampled values: the search itself.

@@ -37,8 +37,13 @@ from tests.test_reliability import final_weights, interrupt_at_step  # noqa: E40
 
 pytestmark = pytest.mark.cuda
 
-ACCURACY_BAND = 0.86  # Fashion-MNIST, 5 epochs: the CPU's runs gave 0.8636 to 0.8806 (docs/results.md)
-BAR_EVERY = 20  # KerasProgressBar's refresh rate: it reads the running metrics every 20 steps
+# Fashion-MNIST, 5 epochs: the CPU's runs of seeds 42, 1 and 2 gave 0.8636 to 0.8806 (docs/results.md). A GPU
+# rounds otherwise (cuBLAS's order of sums, TF32), which moves a run by tenths of a point: one point under the lowest.
+ACCURACY_BAND = 0.85
+# 5 epochs on 4,500 of the real digits, read on 300 of the other 500: the CPU's models of the tests' real digits
+# (3 epochs, 4,000) read 88.0 to 93.0 % of the held-out ones with seeds 0 to 4.
+REAL_DIGITS_BAND = 0.87
+BAR_EVERY = 20  # src.console.KerasProgressBar's refresh rate: it reads the running metrics every 20 steps
 TORCH = str(Path(torch.__file__).parent)
 
 
@@ -76,7 +81,9 @@ def test_train_command_runs_on_cuda_and_reaches_the_cpus_accuracy(cuda_run):
     result, run = cuda_run
     assert result.returncode == 0, result.stderr[-3000:]
     output = result.stdout + result.stderr
-    assert "GPU available: True (cuda), used: True" in output, output[-3000:]
+    # accelerator=auto picked the first CUDA device, and the run says so in its one device line
+    assert re.search(r"^device: cuda:0, .+ \(trainer\.accelerator=auto; found: \d+ CUDA devices?\)$", result.stdout,
+                     re.M), output[-3000:]
     [acc] = re.findall(r"^test_loss: \d+\.\d+ test_acc: (\d+\.\d+)$", result.stdout, re.M)
     record("python -m src.train data=fashion_mnist: test_acc", float(acc))
     assert float(acc) >= ACCURACY_BAND
@@ -111,9 +118,11 @@ def one_epoch(fashion: Path, *overrides: str):
     return compose_train("data=fashion_mnist", f"data.data_dir={fashion}", "trainer.max_epochs=1", *overrides)
 
 
-def test_no_host_sync_inside_a_training_step(fashion, tmp_path):
+@pytest.mark.parametrize("progress", ["bar", "lines"])
+def test_no_host_sync_inside_a_training_step(fashion, tmp_path, progress):
     """One epoch under torch.cuda.set_sync_debug_mode("warn"): every wait for the GPU is a warning, and
-    where it came from tells whether it is the progress bar's read, the epoch's own, or a step's."""
+    where it came from tells whether it is the progress bar's read, the epoch's own, or a step's. The
+    epoch lines (a log file's progress) read nothing between the steps."""
     phase, syncs = Phase(), []
 
     class SyncDebug(L.Callback):
@@ -135,26 +144,30 @@ def test_no_host_sync_inside_a_training_step(fashion, tmp_path):
         warnings.simplefilter("always")
         warnings.showwarning = note
         try:
-            train(one_epoch(fashion), tmp_path / "run", callbacks=(SyncDebug(), phase))
+            train(one_epoch(fashion, f"progress={progress}"), tmp_path / "run", callbacks=(SyncDebug(), phase))
         finally:
             torch.cuda.set_sync_debug_mode("default")
     steps = phase.steps
     in_steps = [where for when, _, where in syncs if when == "step"]
     between = [(bar, where) for when, bar, where in syncs if when == "between steps"]
     by_bar = [where for bar, where in between if bar]
-    record(f"sync warnings in one epoch of {steps} steps", len(syncs))
-    record("sync warnings by phase", {when: sum(1 for w, _, _ in syncs if w == when) for when in dict.fromkeys(
+    record(f"progress={progress}: sync warnings in one epoch of {steps} steps", len(syncs))
+    record(f"progress={progress}: sync warnings by phase", {when: sum(1 for w, _, _ in syncs if w == when) for when in dict.fromkeys(
         w for w, _, _ in syncs)})
-    record("sync warnings by place", {where: sum(1 for _, _, w in syncs if w == where) for where in dict.fromkeys(
+    record(f"progress={progress}: sync warnings by place", {where: sum(1 for _, _, w in syncs if w == where) for where in dict.fromkeys(
         w for _, _, w in syncs)})
     assert in_steps == [], f"a training step waits for the GPU: {sorted(set(in_steps))}"
     assert [where for bar, where in between if not bar] == [], "between the steps, only the progress bar may wait"
-    assert 0 < len(by_bar) <= 2 * math.ceil(steps / BAR_EVERY), "the bar reads loss and accuracy every 20 steps"
+    if progress == "bar":
+        assert 0 < len(by_bar) <= 2 * math.ceil(steps / BAR_EVERY), "the bar reads loss and accuracy every 20 steps"
+    else:
+        assert by_bar == [], "the epoch lines read no running figure while the epoch goes on"
     assert len(syncs) < steps, "far fewer waits than steps: the rest are the epoch's own (its checks, the checkpoint)"
 
 
 def test_the_training_set_lives_on_the_device_and_no_step_copies_from_the_host(fashion, tmp_path):
-    """Steps 50 to 250 of an epoch, profiled: no copy from the host, only the bar's reads back."""
+    """Steps 50 to 250 of an epoch, profiled: no copy from the host, only the bar's reads back (progress=bar: the
+    epoch lines read nothing back while the epoch goes on, test_no_host_sync_inside_a_training_step)."""
     seen = {}
     profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                                   torch.profiler.ProfilerActivity.CUDA])
@@ -169,7 +182,7 @@ def test_the_training_set_lives_on_the_device_and_no_step_copies_from_the_host(f
                 torch.cuda.synchronize()
                 profiler.start() if batch_idx == 50 else profiler.stop()
 
-    train(one_epoch(fashion), tmp_path / "run", callbacks=(Probe(),))
+    train(one_epoch(fashion, "progress=bar"), tmp_path / "run", callbacks=(Probe(),))
     assert seen["data"] == {"cuda"}
     copies = [e.name for e in profiler.events() if e.name.startswith("Memcpy")]
     record("copies in 200 steps (Memcpy events)", {name: copies.count(name) for name in sorted(set(copies))})
@@ -229,6 +242,7 @@ def test_predict_the_page_and_export_read_a_cuda_checkpoint(cuda_run, fashion, t
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-3000:]
         printed[device] = parse(done.stdout)
+    assert len(printed["cpu"]) == len(printed["cuda"]) == 3, printed  # idx=[0,1,2]: three images each
     assert [p["predicted"] for p in printed["cuda"]] == [p["predicted"] for p in printed["cpu"]]
     for cpu, cuda in zip(printed["cpu"], printed["cuda"]):
         assert cuda["probabilities"] == pytest.approx(cpu["probabilities"], abs=1e-5)
@@ -265,7 +279,7 @@ def test_the_page_reads_users_pictures_with_a_model_trained_on_cuda(tmp_path):
         read.append(max(probabilities, key=probabilities.get) == str(label))
     record("300 held-out real digits, read right: originals, and users' pictures through the page",
            [float(originals.mean()), float(np.mean(read))])
-    assert originals.mean() >= 0.8  # the model learned (one in ten by chance)
+    assert originals.mean() >= REAL_DIGITS_BAND  # the model learned as it does on the CPU
     assert np.mean(read) >= originals.mean() - 0.05  # and the page prepares pictures as MNIST's digits were
 
 

@@ -76,10 +76,9 @@ def test_integer_labels_train_as_one_hot_labels_do(tiny_data):
         test = trainer.test(model, datamodule=dm, verbose=False)[0]
         results[labels] = (model.net.state_dict(), test)
     (weights_1, test_1), (weights_2, test_2) = results.values()
-    for key in weights_1:
-        torch.testing.assert_close(weights_2[key], weights_1[key], rtol=1e-5, atol=1e-6)
-    assert test_2["test/acc"] == test_1["test/acc"]
-    assert test_2["test/loss"] == pytest.approx(test_1["test/loss"], rel=1e-5)
+    for key in weights_1:  # bit for bit, as the docs say: F.cross_entropy computes the two alike on the CPU
+        assert torch.equal(weights_2[key], weights_1[key]), key
+    assert test_2 == test_1
 
 
 def test_third_edition_trains_and_its_checkpoint_says_how(tiny_data, tmp_path, capsys):

@@ -15,7 +15,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lightning as L
@@ -25,7 +24,8 @@ from omegaconf import OmegaConf
 
 from src.errors import CannotWrite
 from src.train import train
-from tests.conftest import compose_config, compose_train, entry_env, needs, needs_extra
+from tests.conftest import (compose_config, compose_train, entry_env, needs, needs_extra, start_paused,
+                            wait_for)
 from tests.test_reliability import interrupt_at_step
 
 FULL = "No space left on device"
@@ -128,8 +128,8 @@ def test_full_disk_at_a_new_best_checkpoint_keeps_the_earlier_best(tiny_data, di
     with pytest.raises(CannotWrite) as failed:
         train(compose_train(f"data.data_dir={tiny_data}", "data.val_size=100", *TINY), disk / "run",
               callbacks=(filler,))
-    assert filler.earlier.name.startswith("best-epoch00-")
-    new_best = checkpoints / f"best-epoch01-val_acc{filler.val_acc:.4f}.ckpt"  # val/acc rose in epoch 2
+    assert filler.earlier.name.startswith("best-epoch01-")  # epochs counted from 1, as Keras's {epoch}
+    new_best = checkpoints / f"best-epoch02-val_acc{filler.val_acc:.4f}.ckpt"  # val/acc rose in epoch 2
     assert str(failed.value) == f"cannot write {new_best}: {FULL}"
     assert filler.earlier.read_bytes() == filler.kept  # whole: Lightning removes it only after the new one is saved
     assert sorted(p.name for p in checkpoints.iterdir()) == [filler.earlier.name, "last.ckpt"]  # no temporary file
@@ -143,20 +143,21 @@ def train_process(tmp_path: Path, *overrides: str) -> subprocess.Popen:
 
 def test_real_runs_on_a_disk_that_fills_up_or_in_a_folder_that_cannot_be_made_end_with_one_line(
         tiny_data, tmp_path, disk):
-    """`python -m src.train` in a folder on the tmpfs, filled up from outside once last.ckpt is there; and
-    one whose folder would be under a regular file (both at once: most of their time is importing)."""
+    """`python -m src.train` in a folder on the tmpfs, filled up while the first epoch is done and the second not
+    begun (the run pauses after writing the first epoch's metrics.csv, the last file of that epoch's end); and one
+    whose folder would be under a regular file (both at once: most of their time is importing)."""
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     unmade = train_process(tmp_path, f"hydra.run.dir={blocker / 'run'}")
-    filled = train_process(tmp_path, f"data.data_dir={tiny_data}", "data.batch_size=16", "model.hidden=16",
-                           "trainer.max_epochs=1000", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-                           f"hydra.run.dir={disk / 'run'}")
+    filled, paused = start_paused(["-m", "src.train", f"data.data_dir={tiny_data}", "data.batch_size=16",
+                                   "model.hidden=16", "trainer.max_epochs=3", "trainer.accelerator=cpu",
+                                   "trainer.enable_progress_bar=false", f"hydra.run.dir={disk / 'run'}"], tmp_path,
+                                  after="metrics.csv")
     last = disk / "run" / "checkpoints" / "last.ckpt"
     try:
-        deadline = time.time() + 120
-        while not last.exists() and filled.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
+        wait_for(paused, filled)
         fill(disk)
+        Path(f"{paused}.go").touch()  # the next write is the second epoch's last.ckpt
         for process, line in ((unmade, f"error: cannot write {blocker / 'run'}: Not a directory"),
                               (filled, f"error: cannot write {last}: {FULL}")):
             err = process.communicate(timeout=120)[1]
@@ -169,8 +170,8 @@ def test_real_runs_on_a_disk_that_fills_up_or_in_a_folder_that_cannot_be_made_en
                 process.kill()
                 process.wait()
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
-    state = torch.load(last, weights_only=True)  # a whole epoch's: 38 steps each
-    assert state["global_step"] == 38 * (state["epoch"] + 1)
+    state = torch.load(last, weights_only=True)  # the first epoch's, whole: 38 steps
+    assert (state["epoch"], state["global_step"]) == (0, 38)
 
 
 def test_metrics_csv_is_replaced_whole_or_kept(disk):
@@ -344,6 +345,7 @@ def test_full_disk_as_mlflow_takes_the_artifacts_keeps_the_run_and_its_metrics(t
 
 
 def test_full_disk_under_the_search_journal_keeps_every_trial_and_the_journal_usable(disk):
+    needs_extra("sweep", "optuna", "optuna_integration")
     import optuna
 
     from src.run_context import RunContext
@@ -383,6 +385,7 @@ def test_full_disk_under_the_search_database_keeps_every_trial_and_the_database_
         tiny_data, tmp_path, disk, monkeypatch, capsys):
     """hparams_search.storage=sqlite:///...: the disk fills up once a trial is asked for, and its first report
     to the study fails in the middle of its training."""
+    needs_extra("sweep", "optuna", "optuna_integration")
     import optuna
 
     import src.train
@@ -428,6 +431,7 @@ def test_a_search_database_under_a_regular_file_is_one_line(tmp_path):
 
 
 def test_a_trial_that_cannot_write_stops_the_search(tiny_data, tmp_path):
+    needs_extra("sweep", "optuna", "optuna_integration")
     import optuna
 
     from src.run_context import RunContext

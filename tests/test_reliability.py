@@ -110,13 +110,14 @@ def test_signal_to_a_real_run_saves_the_step_it_reached_and_resumes_to_the_unint
     data, straight, straight_line = uninterrupted
     run, out = tmp_path / "run", tmp_path / "out.txt"
     with open(out, "w") as stdout, open(tmp_path / "err.txt", "w") as stderr:
-        process = subprocess.Popen(train_command(data, run), cwd=tmp_path, env=entry_env(), stdout=stdout, stderr=stderr,
-                                   preexec_fn=ctrl_c_as_in_a_terminal)
+        # progress=bar: the bar, drawn into the file too, says every 20 steps how far the epoch got
+        process = subprocess.Popen(train_command(data, run, "progress=bar"), cwd=tmp_path, env=entry_env(), stdout=stdout,
+                                   stderr=stderr, preexec_fn=ctrl_c_as_in_a_terminal)
     try:
         # The progress bar (on stdout, every 20 steps) shows the epoch under way: the signal comes near its
         # start, over a thousand steps before its end, so the run stops in the middle of the epoch.
         deadline = time.time() + 120
-        while not re.search(rf"Epoch 0: .*\b([2-9]\d|\d{{3,}})/{STEPS}\b", out.read_text()):
+        while not re.search(rf"Epoch 1/1: .*\b([2-9]\d|\d{{3,}})/{STEPS}\b", out.read_text()):
             assert process.poll() is None and time.time() < deadline, "the run did not start training"
             time.sleep(0.05)
         process.send_signal(signum)

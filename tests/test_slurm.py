@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import entry_env, logged
+from tests.conftest import entry_env, logged, needs_extra
+from tests.test_console import check_epoch_lines
 from tests.test_sweep import completed_jobs, read_summary, run
 
 pytestmark = pytest.mark.slow
@@ -75,6 +76,10 @@ def test_grid_sweep_runs_each_job_as_a_slurm_job(slurm_cluster, tiny_data, tmp_p
         log = job_log(sweep_dir, job_id)
         assert f"Starting with JobEnvironment(job_id={job_id}," in log and "SLURM auto-requeueing enabled" in log
         assert f"test_acc: {float(row['test/acc']):.4f}" in log
+        # A job's log is a file: one line per epoch, no bar's carriage returns, the device and the layers
+        check_epoch_lines(log, job_dir / "metrics.csv", epochs=1, steps=5, val=False)
+        assert not re.search(r"[\r\x1b]", log) and max(map(len, log.splitlines())) <= 300
+        assert re.search(r"^device: cpu \(trainer\.accelerator=auto; ", log, re.M) and "Total params: " in log
         assert final_state(env, job_id) == "COMPLETED"
     submission = next((sweep_dir / ".submitit").glob("*/*_submission.sh")).read_text()
     assert "#SBATCH --array=0-1" in submission and "#SBATCH --signal=TERM@120" in submission
@@ -262,6 +267,7 @@ SEARCH = ["data.val_size=100", "trainer.max_epochs=3", "hparams_search.pruner.n_
 
 def check_study(study_dir: Path, n_trials: int, worker_logs: list[str], epochs: int = 3):
     """Every trial of the study ran once, in one worker, in its own folder; none is left running."""
+    needs_extra("sweep", "optuna", "optuna_integration")
     import optuna
     from optuna.trial import TrialState
 
@@ -271,7 +277,7 @@ def check_study(study_dir: Path, n_trials: int, worker_logs: list[str], epochs: 
     assert {t.state for t in study.trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
     assert len({json.dumps(t.params, sort_keys=True) for t in study.trials}) == n_trials
     assert sorted(p.name for p in study_dir.glob("trial_*")) == sorted(f"trial_{n}" for n in range(n_trials))
-    started = [re.findall(r"\] - trial (\d+):", log) for log in worker_logs]
+    started = [re.findall(r"^trial (\d+):", log, re.M) for log in worker_logs]
     assert sorted(int(n) for numbers in started for n in numbers) == list(range(n_trials))  # each once, in all
     assert all(started), "a worker ran no trial"
     for trial in study.trials:  # val/acc reported after every epoch; a pruned trial stopped there, untested
@@ -320,6 +326,7 @@ def test_optuna_workers_as_slurm_jobs_share_one_study(slurm_cluster, tiny_data, 
 
 
 def test_a_sqlite_study_from_before_is_still_resumed(tiny_data, tmp_path):
+    needs_extra("sweep", "optuna", "optuna_integration")
     import optuna
 
     study_dir = tmp_path / "study"

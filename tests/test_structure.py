@@ -15,7 +15,7 @@ LAYERS = [
     ("config and the command-line layer", {"config", "cli", "extras", "run_context"}),
     ("plain PyTorch", {"idx", "network", "checkpoint", "pictures", "inference", "atomic", "plots", "run_files",
                        "offline_digits"}),
-    ("the Lightning layer", {"data", "model", "callbacks", "tracking", "sweep", "journal"}),
+    ("the Lightning layer", {"data", "model", "callbacks", "console", "tracking", "sweep", "journal"}),
     ("entry points", {"train", "predict", "app", "export", "tune", "evaluate"}),
 ]
 
@@ -24,7 +24,9 @@ def imports_of_src(path: Path) -> set[str]:
     """The src modules a file imports, anywhere in it (imports inside functions count too)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module == "src":
+        if isinstance(node, ast.ImportFrom) and node.level == 1:  # relative: `from . import x`, `from .x import y`
+            found |= {alias.name for alias in node.names} if node.module is None else {node.module.split(".")[0]}
+        elif isinstance(node, ast.ImportFrom) and node.module == "src":
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("src."):
             found.add(node.module.split(".")[1])
@@ -77,13 +79,17 @@ def test_the_checks_find_what_they_look_for(tmp_path):
     (tmp_path / "errors.py").write_text("from src.config import x\n")
     (tmp_path / "config.py").write_text("def f():\n    from src import errors\n")
     (tmp_path / "idx.py").write_text("import src.train\n")
+    (tmp_path / "plots.py").write_text("from . import train\n")  # relative imports count as well
+    (tmp_path / "pictures.py").write_text("def f():\n    from .predict import main\n")
     (tmp_path / "novel.py").write_text("")
     graph = import_graph(tmp_path)
     assert circles(graph) == [["config", "errors", "config"]]
     assert layering_problems(graph) == [
         "src/novel.py has no layer in tests/test_structure.py",
         "src/errors.py (the error type) imports src/config.py (config and the command-line layer), a layer above it",
-        "src/idx.py (plain PyTorch) imports src/train.py (entry points), a layer above it"]
+        "src/idx.py (plain PyTorch) imports src/train.py (entry points), a layer above it",
+        "src/pictures.py (plain PyTorch) imports src/predict.py (entry points), a layer above it",
+        "src/plots.py (plain PyTorch) imports src/train.py (entry points), a layer above it"]
 
 
 def test_the_optimizers_and_datasets_are_the_config_groups_options():

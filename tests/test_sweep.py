@@ -10,13 +10,16 @@ import csv
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import compose_config, compose_train, entry_env, logged
+from tests.conftest import compose_config, compose_train, entry_env, logged, needs_extra
+from tests.test_console import check_epoch_lines
 
 
 def run(module: str, *args: str, cwd: Path, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -163,6 +166,13 @@ def test_ddp_cpu_trains_on_two_processes_on_halves_of_each_epoch_and_reduces_met
     assert "Starting with 2 processes" in result.stdout + result.stderr
     metric_lines = [line for line in result.stdout.splitlines() if line.startswith("test_loss:")]
     assert len(metric_lines) == 1
+    # The first process alone prints an epoch's line, with the figures averaged over both, as metrics.csv has them
+    check_epoch_lines(result.stdout, run_dir / "metrics.csv", epochs=epochs, steps=math.ceil(300 / batch_size), val=False)
+    assert result.stdout.count('Model: "MNISTClassifier"') == 1
+    assert re.search(r"^devices: 2 processes on cpu, 1 node x 2 \(trainer\.accelerator=cpu; ", result.stdout, re.M)
+    if shutil.which("srun"):  # on a machine with SLURM, a run of several processes that it did not start says so
+        assert result.stdout.count("note: SLURM is installed here, but these 2 processes were started on this "
+                                   "machine, not by SLURM") == 1
     assert [p.relative_to(run_dir) for p in run_dir.rglob("*.ckpt")] == [Path("checkpoints/last.ckpt")]
     assert not (tmp_path / "outputs").exists()  # the second process wrote into the same run folder
 
@@ -191,6 +201,7 @@ def test_ddp_cpu_trains_on_two_processes_on_halves_of_each_epoch_and_reduces_met
 
 @pytest.mark.slow
 def test_optuna_search_prunes_fails_and_resumes(tiny_data, tmp_path):
+    needs_extra("sweep", "optuna", "optuna_integration")
     import optuna
     from optuna.trial import TrialState
 
@@ -237,6 +248,47 @@ def test_the_search_schema_stays_out_of_training_configs():
     train = compose_train("data=fashion_mnist")
     assert OmegaConf.get_type(search).__name__ == "TuneConfig" and search.data.val_size == 10000
     assert OmegaConf.get_type(train).__name__ == "TrainConfig" and "hparams_search" not in train
+
+
+P = "hparams_search.params"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ([f"{P}.optimizer.lr.low=0"], f"{P}.optimizer.lr.low=0 is not valid: a log scale needs low > 0"),
+    ([f"{P}.optimizer.lr.low=1"], f"{P}.optimizer.lr.low=1 is not valid: expected low < high, and high=0.1"),
+    ([f"{P}.optimizer.lr.high=abc"], f"{P}.optimizer.lr.high='abc' is not valid: expected a number (expected "
+                                     "{low: A, high: B}, with log: true for a log scale, or {choices: [A, B, ...]})"),
+    ([f"{P}.optimizer.lr.log=maybe"], f"{P}.optimizer.lr.log='maybe' is not valid: expected true or false"),
+    ([f"+{P}.optimizer.lr.step=2"], f"{P}.optimizer.lr={{low: 1e-05, high: 0.1, log: true, step: 2}} is not valid: "
+                                   "expected {low: A, high: B}, with log: true for a log scale, or {choices: [A, B, ...]}"),
+    ([f"{P}.model.hidden.low=32.5"], f"{P}.model.hidden={{low: 32.5, high: 1024, log: true}} is not valid: "
+                                     "model.hidden takes whole numbers, so low and high must be whole numbers"),
+    ([f"{P}.data.batch_size.choices=[]"], f"{P}.data.batch_size.choices=[] is not valid: expected a list of one or "
+                                          "more values, e.g. [32, 64, 128]"),
+    ([f"{P}.data.batch_size.choices=[0,64]"], f"{P}.data.batch_size is not valid: a trial could get data.batch_size=0, "
+                                              "which training refuses: data.batch_size=0 is not valid: expected a "
+                                              "positive integer"),
+    ([f"+{P}.optimizer.rho={{low: 0.5, high: 1.0}}"],
+     f"{P}.optimizer.rho is not valid: a trial could get optimizer.rho=1.0, which training refuses: "
+     "optimizer.rho=1.0 is not valid: expected 0 <= rho < 1"),
+    ([f"+{P}.model.width={{low: 1, high: 2}}"], f"{P}.model.width is not valid: model.width is not a key of the "
+                                               "training config"),
+    (["hparams_search.pruner.n_warmup_steps=-1"], "hparams_search.pruner.n_warmup_steps=-1 is not valid: expected 0 "
+                                                  "or more"),
+    (["hparams_search.pruner.n_startup_trials=-2"], "hparams_search.pruner.n_startup_trials=-2 is not valid: expected "
+                                                    "0 or more"),
+    (["hparams_search.study_name=''"], "hparams_search.study_name='' is not valid: expected a name"),
+])
+def test_every_setting_of_the_search_is_checked_before_the_study_opens(tmp_path, overrides, message):
+    needs_extra("sweep", "optuna", "optuna_integration")
+    from src.errors import UserError
+    from src.run_context import RunContext
+    from src.tune import tune
+
+    with pytest.raises(UserError) as refused:
+        tune(compose_config("hparams_search/optuna", *overrides), RunContext(output_dir=tmp_path / "study"))
+    assert str(refused.value) == message
+    assert not (tmp_path / "study").exists()
 
 
 def test_optuna_search_refuses_to_tune_on_the_test_set(tmp_path):

@@ -42,7 +42,7 @@ def expected_params(data: Path, store: Path) -> dict:
         "logger.tensorboard": True, "logger.mlflow": True, "logger.tracking_uri": f"sqlite:///{store}",
         "logger.experiment_name": None,
         "early_stopping.enabled": False, "early_stopping.patience": 3, "early_stopping.min_delta": 0.0,
-        "seed": 3, "ckpt_path": None, "optimized_metric": None, "test_ckpt": None,
+        "seed": 3, "ckpt_path": None, "optimized_metric": None, "test_ckpt": None, "progress": "auto",
     }
 
 
