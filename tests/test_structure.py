@@ -21,15 +21,19 @@ LAYERS = [
 
 
 def imports_of_src(path: Path) -> set[str]:
-    """The src modules a file imports, anywhere in it (imports inside functions count too)."""
+    """The src modules a file of src/ imports, anywhere in it (imports inside functions count too), absolute
+    (`from src.x import y`, `import src.x`) or relative (`from . import x`, `from .x import y`)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:  # relative: `from . import x`, `from .x import y`
-            found |= {alias.name for alias in node.names} if node.module is None else {node.module.split(".")[0]}
-        elif isinstance(node, ast.ImportFrom) and node.module == "src":
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("src."):
-            found.add(node.module.split(".")[1])
+        if isinstance(node, ast.ImportFrom):
+            if node.level > 1:  # above src/: not one of its modules
+                continue
+            # `from .x import y` in src/ is `from src.x import y`
+            module = ".".join(filter(None, ["src" if node.level == 1 else None, node.module]))
+            if module == "src":
+                found |= {alias.name for alias in node.names}
+            elif module.startswith("src."):
+                found.add(module.split(".")[1])
         elif isinstance(node, ast.Import):
             found |= {alias.name.split(".")[1] for alias in node.names if alias.name.startswith("src.")}
     return found
@@ -75,21 +79,25 @@ def test_no_import_circle():
 
 
 def test_the_checks_find_what_they_look_for(tmp_path):
-    """A circle, an upward import and a module without a layer are each reported."""
+    """A circle, an upward import and a module without a layer are each reported, whether the import is
+    absolute or relative."""
     (tmp_path / "errors.py").write_text("from src.config import x\n")
     (tmp_path / "config.py").write_text("def f():\n    from src import errors\n")
     (tmp_path / "idx.py").write_text("import src.train\n")
-    (tmp_path / "plots.py").write_text("from . import train\n")  # relative imports count as well
+    (tmp_path / "network.py").write_text("from . import train\n")
     (tmp_path / "pictures.py").write_text("def f():\n    from .predict import main\n")
+    (tmp_path / "data.py").write_text("from .model import x\nfrom . import idx\nfrom .. import tests\n")
+    (tmp_path / "model.py").write_text("from . import data\n")
     (tmp_path / "novel.py").write_text("")
     graph = import_graph(tmp_path)
-    assert circles(graph) == [["config", "errors", "config"]]
+    assert graph["data"] == {"model", "idx"} and graph["network"] == {"train"}
+    assert circles(graph) == [["config", "errors", "config"], ["data", "model", "data"]]
     assert layering_problems(graph) == [
         "src/novel.py has no layer in tests/test_structure.py",
         "src/errors.py (the error type) imports src/config.py (config and the command-line layer), a layer above it",
         "src/idx.py (plain PyTorch) imports src/train.py (entry points), a layer above it",
-        "src/pictures.py (plain PyTorch) imports src/predict.py (entry points), a layer above it",
-        "src/plots.py (plain PyTorch) imports src/train.py (entry points), a layer above it"]
+        "src/network.py (plain PyTorch) imports src/train.py (entry points), a layer above it",
+        "src/pictures.py (plain PyTorch) imports src/predict.py (entry points), a layer above it"]
 
 
 def test_the_optimizers_and_datasets_are_the_config_groups_options():
