@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from src.errors import UserError
+from src.errors import CannotWrite, UserError
 from src.evaluate import evaluate
 from src.idx import validation_split
 from src.train import train
@@ -176,6 +176,15 @@ def test_bad_input_is_one_line(plain_run, tmp_path, override, message):
     with pytest.raises(UserError, match=message):
         run_evaluate(*overrides, run_dir=tmp_path / "eval")
     assert not (tmp_path / "eval").exists()
+
+
+def test_metrics_json_that_cannot_be_written_is_one_line_naming_it(plain_run, tmp_path):
+    run, _ = plain_run
+    (tmp_path / "eval" / "metrics.json").mkdir(parents=True)  # in the way of the file, as a full disk would be
+    with pytest.raises(CannotWrite) as failed:
+        run_evaluate(f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", run_dir=tmp_path / "eval")
+    assert str(failed.value) == f"cannot write {tmp_path / 'eval' / 'metrics.json'}: Is a directory"
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["confusion_matrix.png", "metrics.json", "mistakes.png"]
 
 
 def test_the_command_finds_the_newest_run_leaves_lightning_out_and_refuses_bad_input(plain_run, tmp_path):

@@ -217,6 +217,19 @@ def test_a_figure_is_replaced_whole_or_kept(tmp_path, disk):
         "filler", "training_curves.png"]
 
 
+def test_the_gallery_of_mistakes_is_replaced_whole_or_kept(disk):
+    from src.plots import mistakes
+
+    figure = disk / "mistakes.png"
+    figure.write_bytes(b"the earlier gallery")
+    fill(disk)
+    with pytest.raises(CannotWrite) as failed:
+        mistakes(torch.zeros(1, 784), ["test[0]"], [1], [2], [0.9], [str(k) for k in range(10)], figure, "one mistake")
+    assert str(failed.value) == f"cannot write {figure}: {FULL}"
+    assert figure.read_bytes() == b"the earlier gallery" and sorted(p.name for p in disk.iterdir()) == [
+        "filler", "mistakes.png"]
+
+
 def test_the_sweep_summary_is_replaced_whole_or_kept_and_stops_the_sweep(tmp_path, disk, capsys):
     from hydra.core.utils import JobReturn, JobStatus
     from hydra.types import RunMode
