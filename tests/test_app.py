@@ -147,6 +147,21 @@ def test_uploads_are_read_as_predict_reads_them(any_model, tmp_path):
         shown, seen = read_upload(any_model, {"path": str(tmp_path / name), "orig_name": name})
         assert shown.startswith(message) and "\n" not in shown and seen is None
     assert read_upload(any_model, None) == (None, None)
+    # Gradio keeps an upload under a name of its own: messages use the name it was sent under.
+    (tmp_path / "gradio-upload-1").write_text("not an image\n")
+    shown, _ = read_upload(any_model, {"path": str(tmp_path / "gradio-upload-1"), "orig_name": "my notes.png"})
+    assert shown.startswith("'my notes.png' is not an image Pillow can read")
+
+
+def test_offline_turns_analytics_off_and_keeps_localhost_off_the_proxy(monkeypatch):
+    from src.app import offline
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "True")
+    monkeypatch.setenv("NO_PROXY", "intranet.example")
+    monkeypatch.delenv("no_proxy", raising=False)
+    offline()
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+    assert os.environ["NO_PROXY"] == os.environ["no_proxy"] == "intranet.example,127.0.0.1,localhost"
 
 
 # The command line: bad configuration stops before the server starts; Lightning is never imported.

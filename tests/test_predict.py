@@ -71,6 +71,8 @@ def test_idx_prints_probabilities_class_and_label_and_saves_a_figure(workdir, ca
     assert printed["predicted"] == int(np.argmax(printed["probabilities"]))
     _, labels = make_digits(600, seed=1)  # the training images conftest wrote
     assert printed["label"] == labels[3]
+    shown = float(re.search(r"^  predicted: \d+, probability (\d\.\d{4})$", out, re.M).group(1))
+    assert abs(shown - max(printed["probabilities"])) <= 5e-5  # the predicted class's probability
     assert "outputs/2026-01-01/12-00-00/checkpoints/last.ckpt" in out and f"hidden={HIDDEN}" in out
     figure = Path(re.search(r"figure: (.*)", out).group(1))
     assert figure == Path("predict_run") / "prediction_train_3.png" and workdir / figure == result.figure
@@ -190,6 +192,16 @@ def test_transparent_drawing_counts_as_ink_on_paper(tmp_path):
     assert correlation(read_image(tmp_path / "drawing.png"), read_image(tmp_path / "paper.png")) > 0.99
 
 
+def test_a_photo_stored_rotated_is_read_upright(tmp_path):
+    """Phones store a photo's pixels as the sensor saw them and say in its EXIF Orientation how to turn it."""
+    upright = draw_digit()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation 6: turn the stored pixels 90 degrees clockwise to view them
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "photo.png", exif=exif)  # stored turned anticlockwise
+    upright.save(tmp_path / "upright.png")
+    assert torch.equal(read_image(tmp_path / "photo.png"), read_image(tmp_path / "upright.png"))
+
+
 def test_paper_texture_is_not_taken_for_ink(tmp_path):
     clean = draw_digit(mode="L")
     texture = np.random.default_rng(0).integers(-25, 25, (clean.height, clean.width))
@@ -234,6 +246,7 @@ BAD_INPUTS = [
     (["ckpt_path=list.ckpt"], "ckpt_path='list.ckpt' is not a checkpoint of this program"),
     (["ckpt_path=cnn.ckpt"], "ckpt_path='cnn.ckpt' holds a model of another architecture"),
     (["image=nothing.png"], "image='nothing.png' is not valid: no such file"),
+    (["image=outputs"], "image='outputs' is not valid: a folder, not a file"),
     (["image=notes.png"], "image='notes.png' is not an image"),
     (["image=empty.png"], "image='empty.png' is not valid: the file is empty"),
     (["image="], "image='' is not valid: expected the path of an image file"),
