@@ -226,6 +226,7 @@ def write_files(folder: Path) -> None:
     """The wrong files a user might pass."""
     torch.save([1, 2, 3], folder / "list.ckpt")
     torch.save({"state_dict": {"conv.weight": torch.zeros(3)}, "hyper_parameters": {"channels": 3}}, folder / "cnn.ckpt")
+    torch.save({"state_dict": {"0.weight": torch.zeros(3)}}, folder / "weights.ckpt")  # a state dict, no hyperparameters
     (folder / "text.ckpt").write_text("not a checkpoint\n")
     (folder / "notes.png").write_text("not an image\n")
     (folder / "empty.png").write_bytes(b"")
@@ -241,9 +242,10 @@ BAD_INPUTS = [
     (["idx=2.5"], "idx=2.5 is not valid"),
     (["split=foo"], "split='foo' is not valid: expected one of train, test"),
     (["ckpt_path=nothing.ckpt"], "ckpt_path='nothing.ckpt' is not valid: no such file"),
-    (["ckpt_path=text.ckpt"], "ckpt_path='text.ckpt' is not a checkpoint"),
+    (["ckpt_path=text.ckpt"], "ckpt_path='text.ckpt' is not a checkpoint: expected a file written by python -m src.train"),
     (["ckpt_path=notes.png"], "ckpt_path='notes.png' is not a checkpoint"),
     (["ckpt_path=list.ckpt"], "ckpt_path='list.ckpt' is not a checkpoint of this program"),
+    (["ckpt_path=weights.ckpt"], "ckpt_path='weights.ckpt' is not a checkpoint of this program: expected a Lightning checkpoint"),
     (["ckpt_path=cnn.ckpt"], "ckpt_path='cnn.ckpt' holds a model of another architecture"),
     (["image=nothing.png"], "image='nothing.png' is not valid: no such file"),
     (["image=outputs"], "image='outputs' is not valid: a folder, not a file"),
