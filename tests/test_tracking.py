@@ -15,6 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import lightning as L
 import pytest
 
 from src.errors import UserError
@@ -133,7 +134,9 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path, monkeypatch, capsys):
     import torch
     from mlflow import MlflowClient
 
-    data, store = write_dataset(tmp_path / "data"), tmp_path / "mlruns.db"
+    # A data folder whose path is longer than the 250 characters MLFlowLogger keeps of a param: unchanged on resume.
+    data, store = write_dataset(tmp_path / ("d" * 120) / ("a" * 120) / "data"), tmp_path / "mlruns.db"
+    assert len(str(data)) > 250
     monkeypatch.chdir(tmp_path)
     with monkeypatch.context() as patch:
         interrupt_at_step(patch, 14)  # Ctrl-C in the middle of the second epoch (10 steps each)
@@ -146,7 +149,14 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path, monkeypatch, capsys):
     assert interrupted.info.status == "FAILED"  # as Lightning marks a run that stopped early
     assert torch.load(checkpoint, weights_only=True)[RUN_ID_KEY] == interrupted.info.run_id
 
-    train(tracked_run(data, store, "trainer.max_epochs=3", f"ckpt_path={checkpoint}"), tmp_path / "resumed")
+    class StatusAtStart(L.Callback):  # what the MLflow UI shows while the resumed run trains
+        def on_train_start(self, trainer, pl_module):
+            self.status = client.get_run(interrupted.info.run_id).info.status
+
+    seen = StatusAtStart()
+    train(tracked_run(data, store, "trainer.max_epochs=3", f"ckpt_path={checkpoint}"), tmp_path / "resumed",
+          callbacks=(seen,))
+    assert seen.status == "RUNNING"  # no longer FAILED
     (run,) = client.search_runs([client.get_experiment_by_name("train").experiment_id])
     assert run.info.run_id == interrupted.info.run_id and run.info.status == "FINISHED"
     # The history is the interrupted part followed by the resumed part, as the two metrics.csv files hold them.
@@ -171,6 +181,19 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path, monkeypatch, capsys):
     other = MlflowClient(f"sqlite:///{tmp_path / 'other.db'}")
     (new,) = other.search_runs([other.get_experiment_by_name("train").experiment_id])
     assert new.info.run_id != run.info.run_id and new.info.status == "FINISHED"
+
+
+def test_tensorboard_names_a_run_by_its_overrides_in_one_folder(tmp_path):
+    needs_extra("track", "tensorboard")
+    from src.config import validated
+    from src.run_context import RunContext
+    from src.tracking import build_loggers
+
+    config = validated(compose_train("logger=tensorboard"))
+    context = RunContext(override_dirname="data.data_dir=/data/mnist,model.hidden=16")
+    csv_logger, tensorboard = build_loggers(config, tmp_path, None, context)[0]
+    assert Path(csv_logger.log_dir) == tmp_path  # metrics.csv in the run's folder itself
+    assert Path(tensorboard.log_dir) == tmp_path / "tensorboard" / "data.data_dir=_data_mnist,model.hidden=16"
 
 
 def test_a_store_mlflow_cannot_open_is_one_line_before_training(tmp_path, monkeypatch):
