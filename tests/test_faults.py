@@ -217,6 +217,16 @@ def test_a_figure_is_replaced_whole_or_kept(tmp_path, disk):
         "filler", "training_curves.png"]
 
 
+def test_an_error_that_is_not_a_failed_write_passes_unchanged_and_leaves_nothing(tmp_path):
+    from src.atomic import written_whole
+
+    with pytest.raises(ValueError, match="^a bug in the block$"):  # a bug is not reported as "cannot write"
+        with written_whole(tmp_path / "table.csv") as partial:
+            partial.write_text("half")
+            raise ValueError("a bug in the block")
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary one
+
+
 def test_the_gallery_of_mistakes_is_replaced_whole_or_kept(disk):
     from src.plots import mistakes
 
