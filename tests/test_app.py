@@ -119,6 +119,14 @@ def test_a_stroke_gives_ten_probabilities_and_the_image_seen(any_model):
     assert list(probabilities.values()) == pytest.approx(expected.tolist(), abs=1e-6)
 
 
+def test_the_probabilities_are_labelled_with_the_models_class_names(any_model):
+    from src.inference import CLASS_NAMES
+
+    fashion = LoadedModel(any_model.net, any_model.hparams, {"name": "fashion_mnist"}, CLASS_NAMES["fashion_mnist"])
+    probabilities, _ = read_sketch(fashion, editor(layer(vertical_line)))
+    assert list(probabilities) == CLASS_NAMES["fashion_mnist"]  # "Dress", not "3"
+
+
 def test_the_ink_is_read_from_every_layers_alpha(any_model):
     """Strokes on two layers are one drawing; the colour under them (theme-dependent) plays no part."""
     top, bottom = layer(lambda pen: pen.line([(140, 50), (140, 140)], fill=(0, 0, 0, 255), width=24)), \

@@ -291,6 +291,21 @@ def test_full_disk_under_tensorboard_keeps_its_earlier_events(tiny_data, tmp_pat
         assert [event.step for event in reader.Scalars("train/loss")] == [9, 19]  # both epochs, read back
 
 
+def test_full_disk_at_a_tensorboard_save_is_one_line(disk):
+    """Lightning saves each logger after logging (TensorBoard: its events flushed, hparams.yaml written)."""
+    needs_extra("track", "tensorboard")
+    from src.tracking import NamedTensorBoardLogger
+
+    logger = NamedTensorBoardLogger(save_dir=disk, name="tensorboard", version="run", default_hp_metric=False)
+    logger.experiment  # its folder and event file, made while there is room
+    fill(disk)
+    with pytest.raises(CannotWrite) as failed:
+        logger.save()
+    assert str(failed.value) == f"cannot write {disk / 'tensorboard' / 'run'}: {FULL}"
+    empty(disk)
+    logger.finalize("success")
+
+
 def test_full_disk_under_mlflow_keeps_the_store_and_its_earlier_run(tiny_data, tmp_path, disk, monkeypatch, capsys):
     needs_extra("track", "mlflow")
     from mlflow import MlflowClient

@@ -129,6 +129,22 @@ def test_mlflow_holds_the_metrics_the_config_and_the_files(tracked):
     assert (folder / "mlruns").is_dir()  # artifacts beside the store, in the working directory
 
 
+def test_logger_experiment_name_names_the_mlflow_experiment(tracked, tmp_path):
+    import shutil
+
+    from src.config import validated
+    from src.run_context import RunContext
+    from src.tracking import _mlflow_logger
+
+    folder, _ = tracked
+    shutil.copy(folder / "mlruns.db", tmp_path / "mlruns.db")  # a store whose tables exist: it opens at once
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    config = validated(compose_train("logger=mlflow", f"logger.tracking_uri={uri}", "logger.experiment_name=digits"))
+    logger = _mlflow_logger(config, tmp_path / "run", None, RunContext())
+    assert logger.experiment.get_experiment(logger.experiment_id).name == "digits"
+    logger.finalize("success")
+
+
 def test_a_resumed_run_continues_its_mlflow_run(tmp_path, monkeypatch, capsys):
     needs_extra("track", "mlflow", "tensorboard")
     import torch
@@ -239,6 +255,9 @@ def test_a_sweep_names_each_job_in_tensorboard_and_puts_them_in_one_mlflow_exper
     assert {run.info.run_name for run in runs} == {f"data.data_dir={data} trainer.max_epochs=2 data.batch_size=64 "
                                                    f"model.hidden={h} logger=[tensorboard,mlflow]" for h in (16, 32)}
     assert {run.data.tags["sweep"] for run in runs} == {str(sweep_dir)}
+    assert {(run.data.tags["job"], run.data.tags["overrides"]) for run in runs} == {
+        (str(job), f"data.data_dir={data} trainer.max_epochs=2 data.batch_size=64 model.hidden={h} logger=[tensorboard,mlflow]")
+        for job, h in ((0, 16), (1, 32))}  # which job ran which settings, searchable in the UI
     assert {run.data.params["model.hidden"] for run in runs} == {"16", "32"}
 
 
