@@ -216,6 +216,7 @@ def test_own_image_prints_and_saves_what_the_model_saw(workdir, capsys):
     [result] = run_predict("image=my digit.png")
     out = capsys.readouterr().out
     [printed] = parse(out)
+    assert "\nmy digit.png:\n  probabilities: [" in out and result.name == "my digit.png"  # named as the user named it
     assert printed["label"] is None and abs(sum(printed["probabilities"]) - 1) < 1e-5
     assert printed["predicted"] == int(np.argmax(printed["probabilities"])) == int(result.probabilities.argmax())
     assert torch.equal(result.image, read_image(workdir / "my digit.png"))
@@ -227,6 +228,9 @@ def write_files(folder: Path) -> None:
     torch.save([1, 2, 3], folder / "list.ckpt")
     torch.save({"state_dict": {"conv.weight": torch.zeros(3)}, "hyper_parameters": {"channels": 3}}, folder / "cnn.ckpt")
     torch.save({"state_dict": {"0.weight": torch.zeros(3)}}, folder / "weights.ckpt")  # a state dict, no hyperparameters
+    trained = torch.load(folder / "outputs" / "2026-01-01" / "12-00-00" / "checkpoints" / "last.ckpt", weights_only=True)
+    del trained["datamodule_hyper_parameters"]
+    torch.save(trained, folder / "anonymous.ckpt")  # a model that does not say what it was trained on
     (folder / "text.ckpt").write_text("not a checkpoint\n")
     (folder / "notes.png").write_text("not an image\n")
     (folder / "empty.png").write_bytes(b"")
@@ -247,6 +251,8 @@ BAD_INPUTS = [
     (["ckpt_path=list.ckpt"], "ckpt_path='list.ckpt' is not a checkpoint of this program"),
     (["ckpt_path=weights.ckpt"], "ckpt_path='weights.ckpt' is not a checkpoint of this program: expected a Lightning checkpoint"),
     (["ckpt_path=cnn.ckpt"], "ckpt_path='cnn.ckpt' holds a model of another architecture"),
+    (["ckpt_path=anonymous.ckpt"], "ckpt_path='anonymous.ckpt' does not record the dataset it was trained on; "
+                                   "classify your own picture with image=PATH"),
     (["image=nothing.png"], "image='nothing.png' is not valid: no such file"),
     (["image=outputs"], "image='outputs' is not valid: a folder, not a file"),
     (["image=notes.png"], "image='notes.png' is not an image"),
@@ -274,6 +280,15 @@ def test_a_checkpoint_of_another_width_is_refused(workdir, trained):
     torch.save(checkpoint, workdir / "wider.ckpt")
     with pytest.raises(UserError, match="another architecture.*size mismatch for 0.weight"):
         run_predict("ckpt_path=wider.ckpt")
+
+
+def test_data_dir_finds_the_images_of_a_checkpoint_trained_elsewhere(workdir, trained):
+    checkpoint = torch.load(trained, weights_only=True)
+    data_dir = checkpoint["datamodule_hyper_parameters"]["data_dir"]
+    checkpoint["datamodule_hyper_parameters"]["data_dir"] = str(workdir / "gone")  # the folder it trained from
+    torch.save(checkpoint, workdir / "elsewhere.ckpt")
+    [result] = run_predict("ckpt_path=elsewhere.ckpt", f"data_dir={data_dir}", "idx=3")
+    assert result.label == make_digits(600, seed=1)[1][3]
 
 
 def test_no_checkpoint_says_how_to_train_one(tmp_path, monkeypatch):
