@@ -137,11 +137,12 @@ def test_split_val_rebuilds_the_split_from_the_checkpoints_seed_and_scores_in_it
     checkpoint = torch.load(best, weights_only=True)
     checkpoint["datamodule_hyper_parameters"].update(seed=7, batch_size=30)  # as a run with seed=7 data.batch_size=30
     torch.save(checkpoint, tmp_path / "seed7.ckpt")
-    result, _ = run_evaluate(f"ckpt_path={tmp_path / 'seed7.ckpt'}", "split=val", "gallery=100", run_dir=tmp_path / "eval")
+    result, _ = run_evaluate(f"ckpt_path={tmp_path / 'seed7.ckpt'}", "split=val", run_dir=tmp_path / "eval")
     _, held_out = validation_split(600, VAL_SIZE, 7)
     assert result.mistakes and {m["image"] for m in result.mistakes} <= {f"train[{i}]" for i in held_out.tolist()}
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["batch_size"] == 30
-    explicit, _ = run_evaluate(f"ckpt_path={tmp_path / 'seed7.ckpt'}", "split=val", "batch_size=30", run_dir=tmp_path / "b")
+    explicit, _ = run_evaluate(f"ckpt_path={tmp_path / 'seed7.ckpt'}", "split=val", "batch_size=30", "gallery=0",
+                               run_dir=tmp_path / "b")
     assert (explicit.loss, explicit.acc) == (result.loss, result.acc)
 
 
