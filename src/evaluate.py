@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from src.atomic import written_whole
 from src.cli import entry_point
 from src.config import EvaluateConfig, validated
 from src.errors import UserError
@@ -81,7 +82,8 @@ def evaluate(cfg: DictConfig, run_dir: str | Path) -> Evaluation:
                                            run_dir / "mistakes.png", title))
     metrics = {"ckpt_path": str(ckpt_path), "split": config.split, "n": len(images), "loss": loss, "acc": acc,
                "per_class_acc": per_class, "dataset": model.dataset, "batch_size": batch_size, "mistakes": mistakes}
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    with written_whole(run_dir / "metrics.json") as partial:
+        partial.write_text(json.dumps(metrics, indent=1) + "\n")
     result.files.append(run_dir / "metrics.json")
     here = Path.cwd().resolve()
     shown_dir = run_dir.resolve().relative_to(here) if run_dir.resolve().is_relative_to(here) else run_dir

@@ -21,12 +21,12 @@ def file_pyplot():
     return plt
 
 
-def save_figure(fig, out: Path) -> Path:
+def save_figure(fig, out: Path, dpi: int = 100) -> Path:
     """`fig` as the file `out`, put in place whole or not at all: a full disk leaves an earlier figure
     there as it was, and ends with one line naming `out`."""
     out = Path(out)
     with written_whole(out) as partial:
-        fig.savefig(partial, dpi=100, format=out.suffix.lstrip(".") or "png")  # the temporary name has no such suffix
+        fig.savefig(partial, dpi=dpi, format=out.suffix.lstrip(".") or "png")  # the temporary name has no such suffix
     return out
 
 
@@ -96,7 +96,7 @@ def mistakes(images: torch.Tensor, names: list[str], true: list[int], predicted:
         percent = math.floor(probability * 10_000) / 100
         ax.set_title(f"{name}\ntrue: {classes[t]}\npredicted: {classes[p]}\n{percent:.2f}%", fontsize=7.5)
     fig.suptitle(title, fontsize=10)
-    fig.savefig(out, dpi=90)
+    save_figure(fig, out, dpi=90)
     plt.close(fig)
     return out
 

@@ -119,6 +119,14 @@ def test_a_stroke_gives_ten_probabilities_and_the_image_seen(any_model):
     assert list(probabilities.values()) == pytest.approx(expected.tolist(), abs=1e-6)
 
 
+def test_the_probabilities_are_labelled_with_the_models_class_names(any_model):
+    from src.inference import CLASS_NAMES
+
+    fashion = LoadedModel(any_model.net, any_model.hparams, {"name": "fashion_mnist"}, CLASS_NAMES["fashion_mnist"])
+    probabilities, _ = read_sketch(fashion, editor(layer(vertical_line)))
+    assert list(probabilities) == CLASS_NAMES["fashion_mnist"]  # "Dress", not "3"
+
+
 def test_the_ink_is_read_from_every_layers_alpha(any_model):
     """Strokes on two layers are one drawing; the colour under them (theme-dependent) plays no part."""
     top, bottom = layer(lambda pen: pen.line([(140, 50), (140, 140)], fill=(0, 0, 0, 255), width=24)), \
@@ -147,6 +155,21 @@ def test_uploads_are_read_as_predict_reads_them(any_model, tmp_path):
         shown, seen = read_upload(any_model, {"path": str(tmp_path / name), "orig_name": name})
         assert shown.startswith(message) and "\n" not in shown and seen is None
     assert read_upload(any_model, None) == (None, None)
+    # Gradio keeps an upload under a name of its own: messages use the name it was sent under.
+    (tmp_path / "gradio-upload-1").write_text("not an image\n")
+    shown, _ = read_upload(any_model, {"path": str(tmp_path / "gradio-upload-1"), "orig_name": "my notes.png"})
+    assert shown.startswith("'my notes.png' is not an image Pillow can read")
+
+
+def test_offline_turns_analytics_off_and_keeps_localhost_off_the_proxy(monkeypatch):
+    from src.app import offline
+
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "True")
+    monkeypatch.setenv("NO_PROXY", "intranet.example")
+    monkeypatch.delenv("no_proxy", raising=False)
+    offline()
+    assert os.environ["GRADIO_ANALYTICS_ENABLED"] == "False"
+    assert os.environ["NO_PROXY"] == os.environ["no_proxy"] == "intranet.example,127.0.0.1,localhost"
 
 
 # The command line: bad configuration stops before the server starts; Lightning is never imported.

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from src.errors import UserError
 from src.data import MNISTDataModule
 from src.idx import IDX_FILES, DataError, load_split, prepare_files, raw_folder
-from tests.conftest import make_digits, write_dataset
+from tests.conftest import make_digits, write_dataset, write_idx
 
 
 def ready_module(data_dir: Path, **kwargs) -> MNISTDataModule:
@@ -31,6 +32,7 @@ def test_shapes_dtypes_scaling_and_one_hot(tiny_data, capsys):
     assert torch.equal(y.sum(dim=1), torch.ones(600))
     assert torch.equal(y.argmax(dim=1), torch.from_numpy(labels).long())
     assert dm.test_xy[0].shape == (200, 784) and dm.val_xy is None
+    assert dm.val_dataloader() == []  # no validation split: nothing is validated, least of all the test set
 
 
 def test_startup_line_reports_shapes(tiny_data, caplog):
@@ -80,6 +82,7 @@ def test_validation_split_is_seeded_and_disjoint(tiny_data):
     train_rows = set(map(tuple, x.tolist()))
     assert not any(tuple(r) in train_rows for r in xv.tolist())
     assert torch.equal(ready_module(tiny_data, val_size=100, seed=3).val_xy[0], xv)
+    assert not torch.equal(ready_module(tiny_data, val_size=100, seed=4).val_xy[0], xv)  # the seed chooses it
 
 
 def test_validation_split_must_leave_training_data(tiny_data):
@@ -92,6 +95,7 @@ def test_ddp_shards_are_disjoint_and_equal_in_steps(tiny_data):
 
     shards = [EpochShuffle(601, seed=1, rank=r, world_size=2).indices() for r in (0, 1)]
     assert len(shards[0]) == len(shards[1]) == 301
+    assert [len(EpochShuffle(601, seed=1, rank=r, world_size=2)) for r in (0, 1)] == [301, 301]  # the steps Lightning counts
     assert set(torch.cat(shards).tolist()) == set(range(601))
 
 
@@ -106,6 +110,63 @@ def test_plain_files_work_too(tmp_path):
     folder = write_dataset(tmp_path / "plain", gz=False)
     x, y = load_split("mnist", str(prepare_files("mnist", folder)), train=False)
     assert x.shape == (200, 784)
+
+
+def test_a_missing_file_in_a_prepared_folder_is_restored(tiny_data):
+    raw = prepare_files("mnist", tiny_data)
+    (raw / "t10k-labels-idx1-ubyte").unlink()  # a copy cut short by a crash, or a file deleted by hand
+    assert prepare_files("mnist", tiny_data) == raw and (raw / "t10k-labels-idx1-ubyte").is_file()
+    x, y = load_split.__wrapped__("mnist", str(raw), train=False)
+    assert y.shape == (200, 10)
+
+
+def test_the_files_are_copied_under_the_folders_lock(tiny_data, monkeypatch):
+    """Processes preparing one folder at once (DDP ranks, launcher jobs) take turns: each copy runs while
+    raw/.lock is held, so another process cannot take it meanwhile."""
+    from filelock import FileLock, Timeout
+
+    import src.idx
+
+    copy, locked = src.idx._copy_or_gunzip, []
+
+    def copy_while_checking(source, filename, target):
+        other = FileLock(raw_folder("mnist", tiny_data) / ".lock", timeout=0)  # as another process would try
+        try:
+            other.acquire()
+            other.release()
+        except Timeout:
+            locked.append(filename)
+        copy(source, filename, target)
+
+    monkeypatch.setattr(src.idx, "_copy_or_gunzip", copy_while_checking)
+    prepare_files("mnist", tiny_data)
+    assert locked == list(IDX_FILES)
+
+
+def test_a_damaged_source_is_named_and_leaves_nothing_half_copied(tmp_path):
+    folder = write_dataset(tmp_path / "data")
+    source = folder / "t10k-labels-idx1-ubyte.gz"  # the last of the four to be copied
+    source.write_bytes(source.read_bytes()[:-20])  # cut short, as by an interrupted download
+    with pytest.raises(DataError) as error:
+        prepare_files("mnist", folder)
+    message = str(error.value)
+    assert message.startswith(f"cannot read {source}: ") and message.endswith("; replace it with an intact copy")
+    assert "\n" not in message
+    raw = raw_folder("mnist", folder)
+    assert sorted(p.name for p in raw.iterdir()) == [".lock"]  # no file, whole or half, counts as prepared
+
+
+@pytest.mark.parametrize("name, array, message", [
+    ("train-labels-idx1-ubyte.gz", np.full(600, 10, np.uint8), "has label 10, expected 0..9; replace it"),
+    ("train-images-idx3-ubyte.gz", np.zeros((600, 32, 32), np.uint8), "holds images of shape (32, 32), expected (28, 28); replace it"),
+])
+def test_labels_out_of_range_and_images_of_another_size_are_refused(tmp_path, name, array, message):
+    folder = write_dataset(tmp_path / "data")
+    write_idx(folder / name, array)
+    raw = prepare_files("mnist", folder)
+    with pytest.raises(DataError) as error:
+        load_split.__wrapped__("mnist", str(raw), train=True)
+    assert str(error.value) == f"{raw / name.removesuffix('.gz')} {message}"
 
 
 def test_no_files_and_no_network_names_folder_and_files(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from src.errors import UserError
+from src.errors import CannotWrite, UserError
 from src.evaluate import evaluate
 from src.idx import validation_split
 from src.train import train
@@ -131,6 +131,31 @@ def test_split_val_scores_the_runs_own_validation_images(best_run, tmp_path):
         assert mistake["true"] == str(labels[index])
 
 
+def test_split_val_rebuilds_the_split_from_the_checkpoints_seed_and_scores_in_its_batch_size(best_run, tmp_path):
+    run, _, _ = best_run
+    [best] = (run / "checkpoints").glob("best-*.ckpt")
+    checkpoint = torch.load(best, weights_only=True)
+    checkpoint["datamodule_hyper_parameters"].update(seed=7, batch_size=30)  # as a run with seed=7 data.batch_size=30
+    torch.save(checkpoint, tmp_path / "seed7.ckpt")
+    result, _ = run_evaluate(f"ckpt_path={tmp_path / 'seed7.ckpt'}", "split=val", run_dir=tmp_path / "eval")
+    _, held_out = validation_split(600, VAL_SIZE, 7)
+    assert result.mistakes and {m["image"] for m in result.mistakes} <= {f"train[{i}]" for i in held_out.tolist()}
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["batch_size"] == 30
+    explicit, _ = run_evaluate(f"ckpt_path={tmp_path / 'seed7.ckpt'}", "split=val", "batch_size=30", "gallery=0",
+                               run_dir=tmp_path / "b")
+    assert (explicit.loss, explicit.acc) == (result.loss, result.acc)
+
+
+def test_a_checkpoint_that_does_not_record_its_dataset_is_one_line(best_run, tmp_path):
+    run, _, _ = best_run
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    del checkpoint["datamodule_hyper_parameters"]
+    torch.save(checkpoint, tmp_path / "anonymous.ckpt")
+    with pytest.raises(UserError, match=r"^ckpt_path='\S+anonymous.ckpt' does not record the dataset it was trained on, "
+                                        r"so there is no split to score it on$"):
+        run_evaluate(f"ckpt_path={tmp_path / 'anonymous.ckpt'}", run_dir=tmp_path / "eval")
+
+
 def test_the_gallery_is_the_most_confidently_wrong_images_most_confident_first(best_run, tmp_path):
     run, _, _ = best_run
     [best] = (run / "checkpoints").glob("best-*.ckpt")
@@ -176,6 +201,15 @@ def test_bad_input_is_one_line(plain_run, tmp_path, override, message):
     with pytest.raises(UserError, match=message):
         run_evaluate(*overrides, run_dir=tmp_path / "eval")
     assert not (tmp_path / "eval").exists()
+
+
+def test_metrics_json_that_cannot_be_written_is_one_line_naming_it(plain_run, tmp_path):
+    run, _ = plain_run
+    (tmp_path / "eval" / "metrics.json").mkdir(parents=True)  # in the way of the file, as a full disk would be
+    with pytest.raises(CannotWrite) as failed:
+        run_evaluate(f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", run_dir=tmp_path / "eval")
+    assert str(failed.value) == f"cannot write {tmp_path / 'eval' / 'metrics.json'}: Is a directory"
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["confusion_matrix.png", "metrics.json", "mistakes.png"]
 
 
 def test_the_command_finds_the_newest_run_leaves_lightning_out_and_refuses_bad_input(plain_run, tmp_path):

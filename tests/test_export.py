@@ -169,6 +169,31 @@ def test_a_failed_parity_check_writes_nothing_and_keeps_the_old_file(workdir, mo
     assert target.read_bytes() == b"an earlier export" and files_in(workdir) == ["model.file", "outputs"]
 
 
+@pytest.mark.parametrize("exported, message", [
+    ([[0.5 - 4e-6, 0.5 + 4e-6], [0.9, 0.1]], r"= 8\.0e-06 \(limit 1e-05\), same class for 1/2$"),  # a near tie flipped
+    ([[float("nan"), 0.5], [0.9, 0.1]], r"= nan \(limit 1e-05\), same class for 2/2$"),  # argmax takes NaN as largest
+    ([[0.5, 0.5, 0.0], [0.9, 0.1, 0.0]], r"gives onnxruntime probabilities of shape \(2, 3\), PyTorch \(2, 2\)"),
+])
+def test_parity_fails_on_a_changed_class_a_nan_or_another_shape(exported, message):
+    from src.export import _check_parity
+
+    expected = torch.tensor([[0.5 + 4e-6, 0.5 - 4e-6], [0.9, 0.1]])
+    with pytest.raises(UserError, match=message):
+        _check_parity(torch.tensor(exported), expected, "two images", "onnx")
+
+
+def test_the_random_parity_images_are_the_same_every_time():
+    from types import SimpleNamespace
+
+    from src.export import _parity_images
+    from src.inference import LoadedModel
+
+    model = LoadedModel(torch.nn.Identity(), {"hidden": 16}, {}, [str(k) for k in range(10)])  # no dataset recorded
+    first, described = _parity_images(model, SimpleNamespace(data_dir=None))
+    assert described.startswith("1000 random images in [0, 1]") and first.shape == (1000, 784)
+    assert torch.equal(_parity_images(model, SimpleNamespace(data_dir=None))[0], first)  # a failure can be reproduced
+
+
 def write_files(folder: Path) -> None:
     """The wrong files a user might pass."""
     torch.save({"state_dict": {"conv.weight": torch.zeros(3)}, "hyper_parameters": {"channels": 3}}, folder / "cnn.ckpt")

@@ -218,6 +218,29 @@ def test_a_figure_is_replaced_whole_or_kept(tmp_path, disk):
         "filler", "training_curves.png"]
 
 
+def test_an_error_that_is_not_a_failed_write_passes_unchanged_and_leaves_nothing(tmp_path):
+    from src.atomic import written_whole
+
+    with pytest.raises(ValueError, match="^a bug in the block$"):  # a bug is not reported as "cannot write"
+        with written_whole(tmp_path / "table.csv") as partial:
+            partial.write_text("half")
+            raise ValueError("a bug in the block")
+    assert list(tmp_path.iterdir()) == []  # neither the file nor its temporary one
+
+
+def test_the_gallery_of_mistakes_is_replaced_whole_or_kept(disk):
+    from src.plots import mistakes
+
+    figure = disk / "mistakes.png"
+    figure.write_bytes(b"the earlier gallery")
+    fill(disk)
+    with pytest.raises(CannotWrite) as failed:
+        mistakes(torch.zeros(1, 784), ["test[0]"], [1], [2], [0.9], [str(k) for k in range(10)], figure, "one mistake")
+    assert str(failed.value) == f"cannot write {figure}: {FULL}"
+    assert figure.read_bytes() == b"the earlier gallery" and sorted(p.name for p in disk.iterdir()) == [
+        "filler", "mistakes.png"]
+
+
 def test_the_sweep_summary_is_replaced_whole_or_kept_and_stops_the_sweep(tmp_path, disk, capsys):
     from hydra.core.utils import JobReturn, JobStatus
     from hydra.types import RunMode
@@ -267,6 +290,21 @@ def test_full_disk_under_tensorboard_keeps_its_earlier_events(tiny_data, tmp_pat
         reader = EventAccumulator(str(written))
         reader.Reload()
         assert [event.step for event in reader.Scalars("train/loss")] == [9, 19]  # both epochs, read back
+
+
+def test_full_disk_at_a_tensorboard_save_is_one_line(disk):
+    """Lightning saves each logger after logging (TensorBoard: its events flushed, hparams.yaml written)."""
+    needs_extra("track", "tensorboard")
+    from src.tracking import NamedTensorBoardLogger
+
+    logger = NamedTensorBoardLogger(save_dir=disk, name="tensorboard", version="run", default_hp_metric=False)
+    logger.experiment  # its folder and event file, made while there is room
+    fill(disk)
+    with pytest.raises(CannotWrite) as failed:
+        logger.save()
+    assert str(failed.value) == f"cannot write {disk / 'tensorboard' / 'run'}: {FULL}"
+    empty(disk)
+    logger.finalize("success")
 
 
 def test_full_disk_under_mlflow_keeps_the_store_and_its_earlier_run(tiny_data, tmp_path, disk, monkeypatch, capsys):

@@ -71,6 +71,8 @@ def test_idx_prints_probabilities_class_and_label_and_saves_a_figure(workdir, ca
     assert printed["predicted"] == int(np.argmax(printed["probabilities"]))
     _, labels = make_digits(600, seed=1)  # the training images conftest wrote
     assert printed["label"] == labels[3]
+    shown = float(re.search(r"^  predicted: \d+, probability (\d\.\d{4})$", out, re.M).group(1))
+    assert abs(shown - max(printed["probabilities"])) <= 5e-5  # the predicted class's probability
     assert "outputs/2026-01-01/12-00-00/checkpoints/last.ckpt" in out and f"hidden={HIDDEN}" in out
     figure = Path(re.search(r"figure: (.*)", out).group(1))
     assert figure == Path("predict_run") / "prediction_train_3.png" and workdir / figure == result.figure
@@ -190,6 +192,16 @@ def test_transparent_drawing_counts_as_ink_on_paper(tmp_path):
     assert correlation(read_image(tmp_path / "drawing.png"), read_image(tmp_path / "paper.png")) > 0.99
 
 
+def test_a_photo_stored_rotated_is_read_upright(tmp_path):
+    """Phones store a photo's pixels as the sensor saw them and say in its EXIF Orientation how to turn it."""
+    upright = draw_digit()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation 6: turn the stored pixels 90 degrees clockwise to view them
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "photo.png", exif=exif)  # stored turned anticlockwise
+    upright.save(tmp_path / "upright.png")
+    assert torch.equal(read_image(tmp_path / "photo.png"), read_image(tmp_path / "upright.png"))
+
+
 def test_paper_texture_is_not_taken_for_ink(tmp_path):
     clean = draw_digit(mode="L")
     texture = np.random.default_rng(0).integers(-25, 25, (clean.height, clean.width))
@@ -204,6 +216,7 @@ def test_own_image_prints_and_saves_what_the_model_saw(workdir, capsys):
     [result] = run_predict("image=my digit.png")
     out = capsys.readouterr().out
     [printed] = parse(out)
+    assert "\nmy digit.png:\n  probabilities: [" in out and result.name == "my digit.png"  # named as the user named it
     assert printed["label"] is None and abs(sum(printed["probabilities"]) - 1) < 1e-5
     assert printed["predicted"] == int(np.argmax(printed["probabilities"])) == int(result.probabilities.argmax())
     assert torch.equal(result.image, read_image(workdir / "my digit.png"))
@@ -214,6 +227,10 @@ def write_files(folder: Path) -> None:
     """The wrong files a user might pass."""
     torch.save([1, 2, 3], folder / "list.ckpt")
     torch.save({"state_dict": {"conv.weight": torch.zeros(3)}, "hyper_parameters": {"channels": 3}}, folder / "cnn.ckpt")
+    torch.save({"state_dict": {"0.weight": torch.zeros(3)}}, folder / "weights.ckpt")  # a state dict, no hyperparameters
+    trained = torch.load(folder / "outputs" / "2026-01-01" / "12-00-00" / "checkpoints" / "last.ckpt", weights_only=True)
+    del trained["datamodule_hyper_parameters"]
+    torch.save(trained, folder / "anonymous.ckpt")  # a model that does not say what it was trained on
     (folder / "text.ckpt").write_text("not a checkpoint\n")
     (folder / "notes.png").write_text("not an image\n")
     (folder / "empty.png").write_bytes(b"")
@@ -229,11 +246,15 @@ BAD_INPUTS = [
     (["idx=2.5"], "idx=2.5 is not valid"),
     (["split=foo"], "split='foo' is not valid: expected one of train, test"),
     (["ckpt_path=nothing.ckpt"], "ckpt_path='nothing.ckpt' is not valid: no such file"),
-    (["ckpt_path=text.ckpt"], "ckpt_path='text.ckpt' is not a checkpoint"),
+    (["ckpt_path=text.ckpt"], "ckpt_path='text.ckpt' is not a checkpoint: expected a file written by python -m src.train"),
     (["ckpt_path=notes.png"], "ckpt_path='notes.png' is not a checkpoint"),
     (["ckpt_path=list.ckpt"], "ckpt_path='list.ckpt' is not a checkpoint of this program"),
+    (["ckpt_path=weights.ckpt"], "ckpt_path='weights.ckpt' is not a checkpoint of this program: expected a Lightning checkpoint"),
     (["ckpt_path=cnn.ckpt"], "ckpt_path='cnn.ckpt' holds a model of another architecture"),
+    (["ckpt_path=anonymous.ckpt"], "ckpt_path='anonymous.ckpt' does not record the dataset it was trained on; "
+                                   "classify your own picture with image=PATH"),
     (["image=nothing.png"], "image='nothing.png' is not valid: no such file"),
+    (["image=outputs"], "image='outputs' is not valid: a folder, not a file"),
     (["image=notes.png"], "image='notes.png' is not an image"),
     (["image=empty.png"], "image='empty.png' is not valid: the file is empty"),
     (["image="], "image='' is not valid: expected the path of an image file"),
@@ -259,6 +280,15 @@ def test_a_checkpoint_of_another_width_is_refused(workdir, trained):
     torch.save(checkpoint, workdir / "wider.ckpt")
     with pytest.raises(UserError, match="another architecture.*size mismatch for 0.weight"):
         run_predict("ckpt_path=wider.ckpt")
+
+
+def test_data_dir_finds_the_images_of_a_checkpoint_trained_elsewhere(workdir, trained):
+    checkpoint = torch.load(trained, weights_only=True)
+    data_dir = checkpoint["datamodule_hyper_parameters"]["data_dir"]
+    checkpoint["datamodule_hyper_parameters"]["data_dir"] = str(workdir / "gone")  # the folder it trained from
+    torch.save(checkpoint, workdir / "elsewhere.ckpt")
+    [result] = run_predict("ckpt_path=elsewhere.ckpt", f"data_dir={data_dir}", "idx=3")
+    assert result.label == make_digits(600, seed=1)[1][3]
 
 
 def test_no_checkpoint_says_how_to_train_one(tmp_path, monkeypatch):

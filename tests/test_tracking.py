@@ -15,6 +15,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import lightning as L
 import pytest
 
 from src.errors import UserError
@@ -128,12 +129,30 @@ def test_mlflow_holds_the_metrics_the_config_and_the_files(tracked):
     assert (folder / "mlruns").is_dir()  # artifacts beside the store, in the working directory
 
 
+def test_logger_experiment_name_names_the_mlflow_experiment(tracked, tmp_path):
+    import shutil
+
+    from src.config import validated
+    from src.run_context import RunContext
+    from src.tracking import _mlflow_logger
+
+    folder, _ = tracked
+    shutil.copy(folder / "mlruns.db", tmp_path / "mlruns.db")  # a store whose tables exist: it opens at once
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    config = validated(compose_train("logger=mlflow", f"logger.tracking_uri={uri}", "logger.experiment_name=digits"))
+    logger = _mlflow_logger(config, tmp_path / "run", None, RunContext())
+    assert logger.experiment.get_experiment(logger.experiment_id).name == "digits"
+    logger.finalize("success")
+
+
 def test_a_resumed_run_continues_its_mlflow_run(tmp_path, monkeypatch, capsys):
     needs_extra("track", "mlflow", "tensorboard")
     import torch
     from mlflow import MlflowClient
 
-    data, store = write_dataset(tmp_path / "data"), tmp_path / "mlruns.db"
+    # A data folder whose path is longer than the 250 characters MLFlowLogger keeps of a param: unchanged on resume.
+    data, store = write_dataset(tmp_path / ("d" * 120) / ("a" * 120) / "data"), tmp_path / "mlruns.db"
+    assert len(str(data)) > 250
     monkeypatch.chdir(tmp_path)
     with monkeypatch.context() as patch:
         interrupt_at_step(patch, 14)  # Ctrl-C in the middle of the second epoch (10 steps each)
@@ -146,7 +165,14 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path, monkeypatch, capsys):
     assert interrupted.info.status == "FAILED"  # as Lightning marks a run that stopped early
     assert torch.load(checkpoint, weights_only=True)[RUN_ID_KEY] == interrupted.info.run_id
 
-    train(tracked_run(data, store, "trainer.max_epochs=3", f"ckpt_path={checkpoint}"), tmp_path / "resumed")
+    class StatusAtStart(L.Callback):  # what the MLflow UI shows while the resumed run trains
+        def on_train_start(self, trainer, pl_module):
+            self.status = client.get_run(interrupted.info.run_id).info.status
+
+    seen = StatusAtStart()
+    train(tracked_run(data, store, "trainer.max_epochs=3", f"ckpt_path={checkpoint}"), tmp_path / "resumed",
+          callbacks=(seen,))
+    assert seen.status == "RUNNING"  # no longer FAILED
     (run,) = client.search_runs([client.get_experiment_by_name("train").experiment_id])
     assert run.info.run_id == interrupted.info.run_id and run.info.status == "FINISHED"
     # The history is the interrupted part followed by the resumed part, as the two metrics.csv files hold them.
@@ -171,6 +197,19 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path, monkeypatch, capsys):
     other = MlflowClient(f"sqlite:///{tmp_path / 'other.db'}")
     (new,) = other.search_runs([other.get_experiment_by_name("train").experiment_id])
     assert new.info.run_id != run.info.run_id and new.info.status == "FINISHED"
+
+
+def test_tensorboard_names_a_run_by_its_overrides_in_one_folder(tmp_path):
+    needs_extra("track", "tensorboard")
+    from src.config import validated
+    from src.run_context import RunContext
+    from src.tracking import build_loggers
+
+    config = validated(compose_train("logger=tensorboard"))
+    context = RunContext(override_dirname="data.data_dir=/data/mnist,model.hidden=16")
+    csv_logger, tensorboard = build_loggers(config, tmp_path, None, context)[0]
+    assert Path(csv_logger.log_dir) == tmp_path  # metrics.csv in the run's folder itself
+    assert Path(tensorboard.log_dir) == tmp_path / "tensorboard" / "data.data_dir=_data_mnist,model.hidden=16"
 
 
 def test_a_store_mlflow_cannot_open_is_one_line_before_training(tmp_path, monkeypatch):
@@ -216,6 +255,9 @@ def test_a_sweep_names_each_job_in_tensorboard_and_puts_them_in_one_mlflow_exper
     assert {run.info.run_name for run in runs} == {f"data.data_dir={data} trainer.max_epochs=2 data.batch_size=64 "
                                                    f"model.hidden={h} logger=[tensorboard,mlflow]" for h in (16, 32)}
     assert {run.data.tags["sweep"] for run in runs} == {str(sweep_dir)}
+    assert {(run.data.tags["job"], run.data.tags["overrides"]) for run in runs} == {
+        (str(job), f"data.data_dir={data} trainer.max_epochs=2 data.batch_size=64 model.hidden={h} logger=[tensorboard,mlflow]")
+        for job, h in ((0, 16), (1, 32))}  # which job ran which settings, searchable in the UI
     assert {run.data.params["model.hidden"] for run in runs} == {"16", "32"}
 
 
