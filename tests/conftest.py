@@ -265,9 +265,10 @@ SLURM_DIR = ROOT / "tests" / "slurm"
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> dict[str, str]:
-    """A real one-node SLURM cluster (tests/slurm/cluster.sh), started once per session and
-    stopped at its end (unless it was running before). Yields the environment variables that
-    point SLURM's commands at it: SLURM_CONF, and PATH with the cluster's sacct first.
+    """A real two-node SLURM cluster (tests/slurm/cluster.sh), started once per session and
+    stopped at its end (unless it was running before), which leaves /etc/hosts as it found it.
+    Yields the environment variables that point SLURM's commands at it: SLURM_CONF, and PATH with
+    the cluster's sacct first.
 
     Skipped where it cannot run (not root; SLURM missing and no apt-get), unless CI is set."""
     import shutil
@@ -279,6 +280,7 @@ def slurm_cluster() -> dict[str, str]:
         reason = "slurm-wlm is not installed and there is no apt-get to install it"
     needs(reason is None, reason)
     script = str(SLURM_DIR / "cluster.sh")
+    hosts = Path("/etc/hosts").read_text()
     started = subprocess.run([script, "start"], capture_output=True, text=True, timeout=900)
     assert started.returncode == 0, f"{script} start failed:\n{started.stderr[-3000:]}"
     conf = started.stdout.strip().splitlines()[-1].removeprefix("export SLURM_CONF=")
@@ -289,3 +291,4 @@ def slurm_cluster() -> dict[str, str]:
         if "already running" not in started.stderr:  # another session's cluster is left to it
             stopped = subprocess.run([script, "stop"], capture_output=True, text=True, timeout=120)
             assert stopped.returncode == 0, f"{script} stop failed:\n{stopped.stderr[-3000:]}"
+            assert Path("/etc/hosts").read_text() == hosts, "cluster.sh stop left /etc/hosts changed"

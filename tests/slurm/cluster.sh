@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
-# A real one-node SLURM cluster for the tests, from Debian's slurm-wlm and munge (run as root).
+# A real two-node SLURM cluster for the tests, on this one machine, from Debian's slurm-wlm and
+# munge (run as root): slurmctld and two slurmd daemons, `slurmd -N n1` and `slurmd -N n2`.
 #
 #   tests/slurm/cluster.sh start   install the packages if missing, start munged, slurmctld and
-#                                  slurmd, return once the node has run a batch job; print the
-#                                  line `export SLURM_CONF=...` that points SLURM's commands at it
-#   tests/slurm/cluster.sh stop    cancel its jobs, stop the daemons by their process ids
+#                                  both slurmd, return once a batch job has run on both nodes;
+#                                  print the line `export SLURM_CONF=...` that points SLURM's
+#                                  commands at it
+#   tests/slurm/cluster.sh stop    cancel its jobs, stop the daemons by their process ids, take
+#                                  back the /etc/hosts line that start added
 #   tests/slurm/cluster.sh env     print that export line
 #
 # Everything lives under $KERAS_MNIST_SLURM_ROOT (default /var/lib/keras-mnist-test-slurm): its
-# own slurm.conf and cgroup.conf (found through SLURM_CONF), state, logs, pid files, and its own
-# munged with its own key and socket. Ports 16817/16818 instead of SLURM's 6817/6818. So a real
-# SLURM or munge setup on the machine (/etc/slurm, /etc/munge, /run/munge) is neither read nor
-# touched. Starting twice returns at once; starting after a crash clears the dead daemons' pid
-# files and starts afresh.
+# own slurm.conf and cgroup.conf (found through SLURM_CONF), state, logs, pid files and spool
+# (one each per node), and its own munged with its own key and socket. Ports 16817 (slurmctld),
+# 16818 and 16819 (n1's and n2's slurmd) instead of SLURM's 6817/6818. So a real SLURM or munge
+# setup on the machine (/etc/slurm, /etc/munge, /run/munge) is neither read nor touched. Starting
+# twice returns at once; starting after a crash clears the dead daemons' pid files and starts afresh.
+#
+# The node names must resolve: Lightning takes the first node of SLURM_NODELIST as the address
+# where the processes of a multi-node DDP job meet (MASTER_ADDR). Where n1 and n2 resolve nowhere,
+# start adds one line, `127.0.0.1 n1 n2 # ...cluster.sh...`, to /etc/hosts, and stop removes that
+# line again; names that resolve to anything but this machine are refused.
 #
 # Accounting: this cluster has no slurmdbd, so SLURM's sacct cannot answer. submitit polls job
 # states with sacct only; tests/slurm/bin/sacct answers its query from squeue, which keeps
@@ -26,8 +34,10 @@ SOCKET_DIR=$ROOT/munge-socket  # readable by everyone, as /run/munge is
 SOCKET=$SOCKET_DIR/munge.socket
 export SLURM_CONF=$ETC/slurm.conf
 CTLD_PID=$ROOT/run/slurmctld.pid
-SLURMD_PID=$ROOT/run/slurmd.pid
 MUNGED_PID=$MUNGE/munged.pid
+NODES=(n1 n2)
+HOSTS=/etc/hosts
+HOSTS_LINE="127.0.0.1 ${NODES[*]} # keras-mnist tests/slurm/cluster.sh's test cluster; its stop removes this line"
 
 die() { echo "cluster.sh: error: $*" >&2; exit 1; }
 say() { echo "cluster.sh: $*" >&2; }
@@ -59,7 +69,9 @@ install_packages() {
 }
 
 write_config() {
-  mkdir -p "$ETC" "$ROOT/run" "$ROOT/log" "$ROOT/state" "$ROOT/spool"
+  mkdir -p "$ETC" "$ROOT/run" "$ROOT/log" "$ROOT/state"
+  local node
+  for node in "${NODES[@]}"; do mkdir -p "$ROOT/spool/$node"; done
   # This machine's own CPUs and memory: a node that claims more than it has is drained.
   local hw cpus sockets cores threads memory
   hw=$(slurmd -C | head -1) || die "slurmd -C failed"
@@ -67,24 +79,28 @@ write_config() {
   cpus=$(field CPUs); sockets=$(field SocketsPerBoard); cores=$(field CoresPerSocket)
   threads=$(field ThreadsPerCore); memory=$(field RealMemory)
   [ -n "$cpus" ] && [ -n "$memory" ] || die "could not read CPUs and RealMemory from: $hw"
-  memory=$((memory * 9 / 10))  # what slurmd measures varies a little between starts
+  # What slurmd measures varies a little between starts; the two nodes share the machine's memory.
+  # (They both claim its CPUs: SLURM does not know that they share them.)
+  memory=$((memory * 9 / 10 / ${#NODES[@]}))
   cat >"$ETC/slurm.conf" <<EOF
-# Written by tests/slurm/cluster.sh: a one-node test cluster.
+# Written by tests/slurm/cluster.sh: a two-node test cluster on one machine.
 ClusterName=keras-mnist-test
 SlurmctldHost=localhost
 SlurmctldPort=16817
-SlurmdPort=16818
 AuthType=auth/munge
-AuthInfo=socket=$SOCKET
+# cred_expire: a job step's credential lives 20 s (SLURM's default: 120), and a requeued job (a lost node)
+# waits as long before it starts again.
+AuthInfo=socket=$SOCKET,cred_expire=20
 CredType=cred/munge
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation=$ROOT/state
-SlurmdSpoolDir=$ROOT/spool
+# %n: the node's name, so that each slurmd has its own spool, pid file and log.
+SlurmdSpoolDir=$ROOT/spool/%n
 SlurmctldPidFile=$CTLD_PID
-SlurmdPidFile=$SLURMD_PID
+SlurmdPidFile=$ROOT/run/slurmd-%n.pid
 SlurmctldLogFile=$ROOT/log/slurmctld.log
-SlurmdLogFile=$ROOT/log/slurmd.log
+SlurmdLogFile=$ROOT/log/slurmd-%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -99,7 +115,8 @@ MinJobAge=3600
 # SIGTERM at a time limit or scancel, then SIGKILL this many seconds later: time to save last.ckpt.
 KillWait=30
 SchedulerParameters=sched_interval=2
-NodeName=localhost CPUs=$cpus Sockets=${sockets:-1} CoresPerSocket=${cores:-$cpus} ThreadsPerCore=${threads:-1} RealMemory=$memory State=UNKNOWN
+NodeName=n1 NodeHostname=localhost Port=16818 CPUs=$cpus Sockets=${sockets:-1} CoresPerSocket=${cores:-$cpus} ThreadsPerCore=${threads:-1} RealMemory=$memory State=UNKNOWN
+NodeName=n2 NodeHostname=localhost Port=16819 CPUs=$cpus Sockets=${sockets:-1} CoresPerSocket=${cores:-$cpus} ThreadsPerCore=${threads:-1} RealMemory=$memory State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE DefMemPerCPU=2048 State=UP
 EOF
   # slurmd 22.05 loads a cgroup plugin whatever the other settings; without systemd the
@@ -124,13 +141,49 @@ start_munge() {
   wait_for 10 "munge credentials (munge -n | unmunge)" sh -c "munge -S '$SOCKET' -n | unmunge -S '$SOCKET'"
 }
 
-node_state() { sinfo -h -N -o %t 2>/dev/null | head -1; }
-node_ready() { case "$(node_state)" in idle|mix|alloc) return 0 ;; *) return 1 ;; esac; }
+slurmd_pid() { echo "$ROOT/run/slurmd-$1.pid"; }
+slurmds_alive() { local node; for node in "${NODES[@]}"; do alive "$(slurmd_pid "$node")" || return 1; done; }
+# Every node idle, mixed or allocated (up), and as many as the cluster has.
+nodes_ready() {
+  local states
+  states=$(sinfo -h -N -o %t 2>/dev/null) || return 1
+  [ "$(grep -cE '^(idle|mix|alloc)$' <<<"$states")" = "${#NODES[@]}" ]
+}
+
+resolves_here() {  # resolves_here NAME: NAME's addresses are all this machine's (127.x or ::1)
+  local addresses
+  addresses=$(getent ahosts "$1" | awk '{print $1}' | sort -u) || return 1
+  [ -n "$addresses" ] && ! grep -qvE '^(127\.|::1$)' <<<"$addresses"
+}
+
+add_host_names() {
+  local node missing=0
+  for node in "${NODES[@]}"; do
+    if getent ahosts "$node" >/dev/null; then
+      resolves_here "$node" || die "the node name $node resolves to another machine ($(getent ahosts "$node" | head -1)); the test cluster's nodes must resolve to this one"
+    else
+      missing=1
+    fi
+  done
+  [ $missing = 0 ] && return
+  grep -qxF "$HOSTS_LINE" "$HOSTS" || echo "$HOSTS_LINE" >>"$HOSTS" || die "could not add the node names to $HOSTS"
+  for node in "${NODES[@]}"; do resolves_here "$node" || die "$node does not resolve to this machine even with $HOSTS's line"; done
+  say "added to $HOSTS: $HOSTS_LINE"
+}
+
+remove_host_names() {
+  grep -qxF "$HOSTS_LINE" "$HOSTS" 2>/dev/null || return 0
+  local kept
+  kept=$(grep -vxF "$HOSTS_LINE" "$HOSTS") || true
+  # Written in place (not replaced by a new file): /etc/hosts may be a mount of its own.
+  printf '%s\n' "$kept" >"$HOSTS" || die "could not remove the test cluster's line from $HOSTS"
+  say "removed from $HOSTS: $HOSTS_LINE"
+}
 
 start() {
   [ "$(id -u)" = 0 ] || die "starting slurmctld and slurmd needs root"
   install_packages
-  if alive "$CTLD_PID" && alive "$SLURMD_PID" && alive "$MUNGED_PID" && scontrol ping >/dev/null 2>&1 && node_ready; then
+  if alive "$CTLD_PID" && slurmds_alive && alive "$MUNGED_PID" && scontrol ping >/dev/null 2>&1 && nodes_ready; then
     say "already running (SLURM_CONF=$SLURM_CONF)"
     echo "export SLURM_CONF=$SLURM_CONF"
     return
@@ -138,19 +191,25 @@ start() {
   # A half-running cluster (a crash, a killed daemon): stop what is left, start afresh.
   stop_daemons
   write_config
+  add_host_names
   start_munge
   # -c: a clean start, without the jobs a crashed controller left in its state files.
   slurmctld -c || die "slurmctld did not start (log: $ROOT/log/slurmctld.log)"
   wait_for 30 "slurmctld answering (scontrol ping)" sh -c "scontrol ping | grep -q UP"
-  slurmd || die "slurmd did not start (log: $ROOT/log/slurmd.log)"
-  wait_for 60 "the node becoming idle (sinfo)" node_ready
-  # The proof that it works: a batch job, run by slurmd, within 60 s.
+  local node
+  for node in "${NODES[@]}"; do
+    slurmd -N "$node" || die "slurmd -N $node did not start (log: $ROOT/log/slurmd-$node.log)"
+  done
+  wait_for 60 "both nodes becoming idle (sinfo -N)" nodes_ready
+  # The proof that it works: a batch job with a task on each node, within 60 s.
   local out=$ROOT/run/check.out
   rm -f "$out"
-  timeout 60 sbatch --wait --quiet --time=1 --output="$out" --wrap 'echo ran on $(hostname) as job $SLURM_JOB_ID' \
+  timeout 60 sbatch --wait --quiet --time=1 --nodes=2 --ntasks-per-node=1 --output="$out" \
+    --wrap 'srun bash -c "echo task \$SLURM_PROCID ran on \$SLURMD_NODENAME as job \$SLURM_JOB_ID"' \
     || die "a test batch job did not run (logs: $ROOT/log/)"
-  grep -q "as job" "$out" || die "the test batch job wrote nothing to $out"
-  say "running: $(cat "$out")"
+  [ "$(grep -cE '^task [01] ran on n[12] as job' "$out")" = 2 ] && grep -q "ran on n1" "$out" && grep -q "ran on n2" "$out" \
+    || die "the test batch job did not run a task on each node: $(cat "$out")"
+  say "running: $(sort "$out" | tr '\n' ';' | sed 's/;$//; s/;/; /g')"
   echo "export SLURM_CONF=$SLURM_CONF"
 }
 
@@ -174,7 +233,8 @@ stop_daemons() {
     scancel --full --quiet --state=PENDING,RUNNING,SUSPENDED $(squeue -h -o %i 2>/dev/null) 2>/dev/null || true
     for _ in $(seq 40); do [ -z "$(squeue -h -t RUNNING,COMPLETING -o %i 2>/dev/null)" ] && break; sleep 0.5; done
   fi
-  stop_pid "$SLURMD_PID" slurmd
+  local node
+  for node in "${NODES[@]}"; do stop_pid "$(slurmd_pid "$node")" "slurmd -N $node"; done
   stop_pid "$CTLD_PID" slurmctld
   stop_pid "$MUNGED_PID" munged
 }
@@ -182,9 +242,14 @@ stop_daemons() {
 stop() {
   [ "$(id -u)" = 0 ] || die "stopping slurmctld and slurmd needs root"
   stop_daemons
-  if alive "$CTLD_PID" || alive "$SLURMD_PID" || alive "$MUNGED_PID"; then
+  local node
+  for node in "${NODES[@]}"; do
+    ! alive "$(slurmd_pid "$node")" || die "slurmd -N $node is still running (pid file $(slurmd_pid "$node"))"
+  done
+  if alive "$CTLD_PID" || alive "$MUNGED_PID"; then
     die "a daemon is still running (pid files in $ROOT/run, $MUNGE)"
   fi
+  remove_host_names
   say "stopped"
 }
 
