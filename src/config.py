@@ -74,7 +74,7 @@ class OptimizerConfig:
 
 @dataclass
 class TrainerConfig:
-    """The lightning.Trainer arguments a run may set; passed to it as keyword arguments."""
+    """The lightning.Trainer arguments a run may set; passed to it as keyword arguments (but rendezvous_timeout_s)."""
 
     accelerator: str = "auto"
     devices: Any = 1
@@ -88,6 +88,8 @@ class TrainerConfig:
     fast_dev_run: bool = False
     deterministic: Optional[bool] = None
     enable_progress_bar: bool = True
+    # Not a Trainer argument: how long the processes of trainer.strategy=ddp wait to meet (src/rendezvous.py).
+    rendezvous_timeout_s: int = 300
 
     def __post_init__(self) -> None:
         _check(self.accelerator in ACCELERATORS, "trainer.accelerator", self.accelerator,
@@ -97,6 +99,8 @@ class TrainerConfig:
         devices_ok = self.devices == "auto" or (isinstance(self.devices, int) and self.devices >= 1) or (
             isinstance(self.devices, list) and all(isinstance(d, int) and d >= 0 for d in self.devices))
         _check(devices_ok, "trainer.devices", self.devices, "expected a count >= 1, a list of device ids, or 'auto'")
+        _check(self.rendezvous_timeout_s >= 1, "trainer.rendezvous_timeout_s", self.rendezvous_timeout_s,
+               "expected a whole number of seconds, 1 or more")
 
 
 @dataclass

@@ -109,6 +109,10 @@ class EpochLines(ProgressBar):
     def enable(self) -> None:
         self._enabled = True
 
+    def on_train_start(self, trainer, pl_module) -> None:
+        # A run resumed in the middle of an epoch goes on with it without on_train_epoch_start.
+        self._started = self._said = self.clock()
+
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._started = self._said = self.clock()
         self._val = {}

@@ -3,6 +3,7 @@
     outputs/DATE/TIME/ (or multirun/DATE/TIME/N/)
         checkpoints/last.ckpt, checkpoints/best-*.ckpt
         metrics.csv, training_curves.png, confusion_matrix.png
+        resumed.json (a SLURM job started again, gone on from last.ckpt)
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ BEST = "best-epoch{epoch:02d}-val_acc{val/acc:.4f}"  # ModelCheckpoint's filenam
 METRICS = "metrics.csv"  # Lightning's CSVLogger, one row per logged step
 TRAINING_CURVES = "training_curves.png"
 CONFUSION_MATRIX = "confusion_matrix.png"
+RESUMED = "resumed.json"  # a job of a sweep that SLURM started again: where it went on from (src/slurm_job.py)
 FIGURES = (TRAINING_CURVES, CONFUSION_MATRIX)
 
 

@@ -26,9 +26,12 @@ from src.atomic import written_whole
 from src.config import sweep_metric, tested_checkpoint
 from src.errors import CannotWrite, exit_with, one_line
 from src.run_files import METRICS, last_checkpoint
+from src.slurm_job import resumed_note
 
 RESULT_FILE = "result.json"
-COLUMNS = ("job", "overrides", "status", "val/acc", "test/acc", "tested", "epochs", "wall_s", "checkpoint", "error")
+# resumed: where a job that SLURM started again went on from (src/slurm_job.py); empty for the others.
+COLUMNS = ("job", "overrides", "status", "val/acc", "test/acc", "tested", "epochs", "wall_s", "resumed", "checkpoint",
+           "error")
 
 
 class SweepSummary(Callback):
@@ -116,6 +119,7 @@ def collect(sweep_dir: Path) -> list[dict]:
             "val/acc": metrics.get("best val/acc" if result["tested"] == "best" else "val/acc"),
             "test/acc": metrics.get("test/acc"),
             "epochs": metrics.get("epochs"),
+            "resumed": resumed_note(job_dir),
             "checkpoint": str(checkpoint) if checkpoint.is_file() else "",
             "swept": dict(o.split("=", 1) for o in result["overrides"] if "=" in o),
         })
@@ -160,8 +164,8 @@ def format_table(rows: list[dict], metric: str) -> str:
     """An aligned text table; columns that say nothing in this sweep are left out."""
     varied = swept_keys(rows)
     rows = [{**row, "swept values": " ".join(f"{k}={row['swept'].get(k, '')}" for k in varied)} for row in rows]
-    wanted = dict.fromkeys(("job", "status", "val/acc", "test/acc", metric, "tested", "epochs", "wall_s", "swept values",
-                            "error"))
+    wanted = dict.fromkeys(("job", "status", "val/acc", "test/acc", metric, "tested", "epochs", "wall_s", "resumed",
+                            "swept values", "error"))
     columns = [c for c in wanted if any(row.get(c) not in (None, "") for row in rows)]
 
     def cell(column: str, value: Any) -> str:

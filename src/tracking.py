@@ -37,7 +37,11 @@ RUN_ID_KEY = "mlflow_run_id"  # in every checkpoint of an MLflow-tracked run, so
 def build_loggers(config: TrainConfig, run_dir: Path, resume_from: dict | None,
                   context: RunContext) -> tuple[list[Logger], list[Callback]]:
     """The CSV logger and those chosen in config.logger, and the callbacks they need."""
-    loggers: list[Logger] = [WholeFileCSVLogger(save_dir=run_dir, name="", version="")]
+    # A run resumed in its own folder (a SLURM job started again, say) keeps metrics.csv's rows from before.
+    checkpoint = Path(config.ckpt_path).resolve() if resume_from is not None and config.ckpt_path else None
+    same_folder = checkpoint is not None and checkpoint.parent == (Path(run_dir) / CHECKPOINTS).resolve()
+    loggers: list[Logger] = [WholeFileCSVLogger(save_dir=run_dir, name="", version="",
+                                                rows_before_step=resume_from["global_step"] if same_folder else None)]
     callbacks: list[Callback] = []
     if config.logger.tensorboard:
         # The folder below tensorboard/ is the override string, so `tensorboard --logdir multirun/DATE/TIME`
@@ -146,8 +150,13 @@ class WholeFileCSVLogger(NamesItsFiles, CSVLogger):
     """Lightning's CSVLogger, whose metrics.csv and hparams.yaml are each replaced whole (src/atomic.py).
 
     Lightning appends rows to metrics.csv and rewrites it in place whenever a column appears (val/,
-    then test/): on a full disk that leaves the file cut short, the earlier epochs lost with it.
+    then test/): on a full disk that leaves the file cut short, the earlier epochs lost with it. And it
+    deletes a metrics.csv it finds; with `rows_before_step`, the rows logged before that step are kept.
     """
+
+    def __init__(self, *args: Any, rows_before_step: int | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.rows_before_step = rows_before_step
 
     @property
     def files(self) -> str:
@@ -159,16 +168,18 @@ class WholeFileCSVLogger(NamesItsFiles, CSVLogger):
         if self._experiment is None:
             with writing(self.log_dir):
                 self._fs.makedirs(self.root_dir, exist_ok=True)
-                self._experiment = WholeFileWriter(log_dir=self.log_dir)
+                self._experiment = WholeFileWriter(log_dir=self.log_dir, rows_before_step=self.rows_before_step)
         return self._experiment
 
 
 class WholeFileWriter(ExperimentWriter):
     """CSVLogger's writer: every save writes the whole metrics.csv to a temporary file and renames it."""
 
-    def __init__(self, log_dir: str):
-        super().__init__(log_dir)
-        self.saved: list[dict] = []  # the rows in metrics.csv: a few per epoch
+    def __init__(self, log_dir: str, rows_before_step: int | None = None):
+        kept = _rows_before(Path(log_dir) / self.NAME_METRICS_FILE, rows_before_step)
+        super().__init__(log_dir)  # which deletes metrics.csv
+        self.saved: list[dict] = kept  # the rows in metrics.csv: a few per epoch
+        self.metrics_keys = sorted({key for row in kept for key in row})
 
     def log_hparams(self, params: dict[str, Any]) -> None:
         self.hparams.update(params)
@@ -186,6 +197,14 @@ class WholeFileWriter(ExperimentWriter):
             writer.writeheader()
             writer.writerows(rows)
         self.saved, self.metrics = rows, []
+
+
+def _rows_before(metrics_csv: Path, step: int | None) -> list[dict]:
+    """The rows of metrics.csv logged before `step` (None, or no file: none)."""
+    if step is None or not metrics_csv.is_file():
+        return []
+    with open(metrics_csv, newline="") as f:
+        return [{k: v for k, v in row.items() if v != ""} for row in csv.DictReader(f) if int(row["step"]) < step]
 
 
 class NamedTensorBoardLogger(NamesItsFiles, TensorBoardLogger):

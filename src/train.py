@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from src import run_files
+from src import run_files, slurm_job
 from src.checkpoint import check_architecture, load_checkpoint
 from src.cli import entry_point
 from src.config import TrainConfig, sweep_metric, tested_checkpoint, validated
@@ -35,6 +35,9 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = (), context: 
     context = context or RunContext()
     _refuse_ddp_in_a_local_sweep(config, context)
     _require_loggers(config)
+    run_dir = Path(run_dir)
+    restarted = slurm_job.going_on(config, run_dir, context)  # a SLURM job started again: from its last.ckpt
+    going_on, config = restarted is not config, restarted
     resume_from = load_checkpoint(config.ckpt_path) if config.ckpt_path is not None else None
 
     # Imported after the checks above, so that bad input fails in a fraction of a second.
@@ -50,7 +53,9 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = (), context: 
     from src.model import MNISTClassifier
 
     _quiet_lightning()
-    run_dir = Path(run_dir)
+    slurm_job.say_where()
+    if going_on:
+        slurm_job.record_going_on(run_dir, resume_from, first_process=os.environ.get("SLURM_PROCID", "0") == "0")
     L.seed_everything(config.seed, verbose=False)
     has_val = config.data.val_size > 0
     datamodule = MNISTDataModule(seed=config.seed, **dataclasses.asdict(config.data))
@@ -77,6 +82,11 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = (), context: 
     if isinstance(progress, EpochLines):
         loggers.append(progress.figures)
     trainer_args = {k: v for k, v in dataclasses.asdict(config.trainer).items() if v is not None}
+    rendezvous_timeout_s = trainer_args.pop("rendezvous_timeout_s")
+    if trainer_args["strategy"] == "ddp":  # Lightning's DDPStrategy, whose processes meet within the bound
+        from src.rendezvous import BoundedRendezvousDDP
+
+        trainer_args["strategy"] = BoundedRendezvousDDP(rendezvous_timeout_s)
     limit_val_batches = trainer_args.pop("limit_val_batches", 1.0) if has_val else 0
     trainer = L.Trainer(
         **trainer_args,

@@ -1,9 +1,11 @@
-"""Sweeps, DDP and the Optuna search on a real one-node SLURM cluster (tests/slurm/cluster.sh).
+"""Sweeps, DDP and the Optuna search on a real two-node SLURM cluster (tests/slurm/cluster.sh), and what
+a lost node or processes that cannot meet do to a run.
 
 The jobs are submitted with sbatch (by submitit, through hydra/launcher=slurm_cpu, or by sbatch
-itself for the search's workers) and run by slurmd, with this interpreter (submitit submits
-sys.executable) and PYTHONPATH at the repository, which sbatch passes on to the jobs: they
-unpickle Hydra's task function, src.train.main. The cluster has 2 CPUs, so jobs queue.
+itself for the search's workers) and run by the slurmd of node n1 or n2, with this interpreter
+(submitit submits sys.executable) and PYTHONPATH at the repository, which sbatch passes on to the
+jobs: they unpickle Hydra's task function, src.train.main. Each node has the machine's CPUs (2):
+a job that asks for them all has a node to itself, so two such jobs run on the two nodes.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import re
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -56,14 +59,28 @@ def job_log(sweep_dir: Path, job_id: str) -> str:
     return "".join(p.read_text() for p in sorted((sweep_dir / ".submitit" / job_id).glob("*_log.*")))
 
 
+def nodes_said(log: str) -> dict[int, str]:
+    """{task: node} from the line each process of a SLURM job prints (src/slurm_job.py)."""
+    return {int(task): node for task, node in re.findall(r"^SLURM job \S+: task (\d+) of \d+ on node (\S+)$", log, re.M)}
+
+
+def ran_at(env: dict, job_id: str) -> tuple[str, datetime, datetime]:
+    """A finished job's node list, start and end, as squeue keeps them (to the second)."""
+    nodes, start, end = subprocess.run(["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%N|%S|%e"], env=env,
+                                       capture_output=True, text=True, check=True).stdout.strip().split("|")
+    return nodes, datetime.fromisoformat(start), datetime.fromisoformat(end)
+
+
 def slurm_job_id(job_dir: Path) -> str:
     """The SLURM job id that Hydra's submitit launcher recorded as the job's hydra.job.id."""
     return re.search(r"^    id: '?(\w+)'?$", (job_dir / ".hydra" / "hydra.yaml").read_text(), re.M).group(1)
 
 
-def test_grid_sweep_runs_each_job_as_a_slurm_job(slurm_cluster, tiny_data, tmp_path):
+def test_grid_sweep_runs_each_job_as_a_slurm_job_on_its_own_node_at_once(slurm_cluster, tiny_data, tmp_path):
     env, sweep_dir = environment(slurm_cluster), tmp_path / "sweep"
-    result = run("src.train", "-m", *SLURM_CPU, f"data.data_dir={tiny_data}", "trainer.max_epochs=1",
+    cpus, _ = node_size(env)  # each job asks for a whole node: the two run on the two nodes
+    result = run("src.train", "-m", "hydra/launcher=slurm_cpu", f"hydra.launcher.cpus_per_task={cpus}",
+                 "hydra.launcher.mem_gb=2", f"data.data_dir={tiny_data}", "trainer.max_epochs=1",
                  "model.hidden=8,16", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, env=env)
 
     assert result.returncode == 0, result.stderr[-3000:]
@@ -81,22 +98,35 @@ def test_grid_sweep_runs_each_job_as_a_slurm_job(slurm_cluster, tiny_data, tmp_p
         assert not re.search(r"[\r\x1b]", log) and max(map(len, log.splitlines())) <= 300
         assert re.search(r"^device: cpu \(trainer\.accelerator=auto; ", log, re.M) and "Total params: " in log
         assert final_state(env, job_id) == "COMPLETED"
+    (one, two) = [ran_at(env, slurm_job_id(sweep_dir / row["job"])) for row in read_summary(sweep_dir)]
+    assert {one[0], two[0]} == {"n1", "n2"}, (one, two)  # SLURM's record: one job a node...
+    assert one[1] <= two[2] and two[1] <= one[2], (one, two)  # ...at the same time
+    logs = [job_log(sweep_dir, slurm_job_id(sweep_dir / row["job"])) for row in read_summary(sweep_dir)]
+    assert sorted(nodes_said(log)[0] for log in logs) == ["n1", "n2"]  # and the jobs' own word for it
     submission = next((sweep_dir / ".submitit").glob("*/*_submission.sh")).read_text()
     assert "#SBATCH --array=0-1" in submission and "#SBATCH --signal=TERM@120" in submission
+    assert "#SBATCH --requeue" in submission  # hydra.launcher.requeue's default: a lost node's job goes on
     assert "srun --unbuffered" in submission and sys.executable in submission
 
 
-def test_ddp_across_two_slurm_tasks_matches_local_ddp(slurm_cluster, tiny_data, tmp_path):
+# One DDP process on each of the two nodes, as docs/slurm.md gives it.
+TWO_NODES = ("hydra/launcher=slurm_cpu", "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=1",
+             "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "trainer=ddp_cpu", "trainer.num_nodes=2",
+             "trainer.devices=1")
+
+
+def test_ddp_across_two_slurm_nodes_matches_local_ddp(slurm_cluster, tiny_data, tmp_path):
     import torch
 
-    env = environment(slurm_cluster)
-    same = [f"data.data_dir={tiny_data}", "trainer=ddp_cpu", "data.batch_size=32", "trainer.max_epochs=2", "seed=7"]
+    # One thread a process in both: Lightning gives each of two processes on one machine half its CPUs, and the
+    # one process of a node all of them, and a matrix product summed by other threads differs in its last bits.
+    env = {**environment(slurm_cluster), "OMP_NUM_THREADS": "1"}
+    same = [f"data.data_dir={tiny_data}", "data.batch_size=32", "trainer.max_epochs=2", "seed=7"]
     local_dir, sweep_dir = tmp_path / "local", tmp_path / "sweep"
-    local = run("src.train", *same, f"hydra.run.dir={local_dir}", cwd=tmp_path, env=env)
+    local = run("src.train", *same, "trainer=ddp_cpu", "trainer.devices=2", f"hydra.run.dir={local_dir}",
+                cwd=tmp_path, env=env)
     assert local.returncode == 0, local.stderr[-3000:]
-    result = run("src.train", "-m", "hydra/launcher=slurm_cpu", "hydra.launcher.tasks_per_node=2",
-                 "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=4", *same,
-                 f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, env=env)
+    result = run("src.train", "-m", *TWO_NODES, *same, f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
 
     (row,) = read_summary(sweep_dir)
@@ -109,6 +139,9 @@ def test_ddp_across_two_slurm_tasks_matches_local_ddp(slurm_cluster, tiny_data, 
     log = job_log(sweep_dir, job_id)
     assert "MEMBER: 1/2" in log and "MEMBER: 2/2" in log and "Starting with 2 processes" in log  # world size 2
     assert sum(line.startswith("test_loss:") for line in log.splitlines()) == 1
+    assert nodes_said(log) == {0: "n1", 1: "n2"}  # rank 0 and rank 1 on different nodes
+    assert ran_at(env, job_id)[0] == "n[1-2]"
+    assert "devices: 2 processes on cpu, 2 nodes x 1 " in log
 
     run_dir = sweep_dir / "0"
     assert [p.relative_to(run_dir) for p in run_dir.rglob("*.ckpt")] == [Path("checkpoints/last.ckpt")]
@@ -169,9 +202,11 @@ def test_a_job_killed_by_slurm_is_a_failed_row_and_resumes_from_last_ckpt(slurm_
 
 
 def node_size(env: dict) -> tuple[int, int]:
-    """The test cluster's node: its CPUs and its memory in MB, as SLURM has them (this machine's own)."""
-    cpus, memory = subprocess.run(["sinfo", "-h", "-N", "-o", "%c %m"], env=env, capture_output=True, text=True,
-                                  check=True).stdout.split()
+    """A node of the test cluster (both are alike): its CPUs and its memory in MB, as SLURM has them (the
+    machine's CPUs, and half its memory)."""
+    first = subprocess.run(["sinfo", "-h", "-N", "-o", "%c %m"], env=env, capture_output=True, text=True,
+                           check=True).stdout.splitlines()[0]
+    cpus, memory = first.split()
     return int(cpus), int(memory)
 
 
@@ -183,9 +218,11 @@ def test_a_job_asking_for_more_cpus_than_the_node_has_is_cancelled_as_a_failed_r
                                                                                    tmp_path):
     env, sweep_dir = environment(slurm_cluster), tmp_path / "sweep"
     cpus, _ = node_size(env)
-    # SLURM takes the job and keeps it pending for PartitionConfig, forever: the launcher cancels it
-    # once it has said so for 6 s. (The run's timeout is the "within two minutes".)
-    result = run("src.train", "-m", "hydra/launcher=slurm_cpu", f"hydra.launcher.cpus_per_task={cpus + 1}",
+    # More CPUs than the two nodes have together: SLURM takes the job and keeps it pending for PartitionConfig,
+    # forever (more than a node has but no more than both, sbatch refuses at once, as in the test below); the
+    # launcher cancels it once it has said so for 6 s. (The run's timeout is the "within two minutes".)
+    too_many = 2 * cpus + 1
+    result = run("src.train", "-m", "hydra/launcher=slurm_cpu", f"hydra.launcher.cpus_per_task={too_many}",
                  "hydra.launcher.mem_gb=2", *WAIT, "hydra.launcher.cannot_start_grace_s=6", f"data.data_dir={tiny_data}",
                  f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, env=env, timeout=120)
 
@@ -195,7 +232,7 @@ def test_a_job_asking_for_more_cpus_than_the_node_has_is_cancelled_as_a_failed_r
         f"error: 1 of 1 jobs failed; their errors are in {sweep_dir / 'summary.csv'}"
     (row,) = read_summary(sweep_dir)
     job_id = re.search(r"#0 : SLURM job (\d+)$", result.stdout, re.M).group(1)
-    advice = (f"it asks for {cpus + 1} CPUs a node (hydra.launcher.cpus_per_task={cpus + 1} x tasks_per_node=1) "
+    advice = (f"it asks for {too_many} CPUs a node (hydra.launcher.cpus_per_task={too_many} x tasks_per_node=1) "
               f"and partition debug's nodes have at most {cpus}; ask for less, or choose another "
               f"hydra.launcher.partition")
     assert row["status"] == "failed"
@@ -211,10 +248,10 @@ def test_a_job_asking_for_more_cpus_than_the_node_has_is_cancelled_as_a_failed_r
 def test_a_job_waiting_for_resources_is_reported_and_then_runs(slurm_cluster, tiny_data, tmp_path):
     env, sweep_dir = environment(slurm_cluster), tmp_path / "sweep"
     cpus, _ = node_size(env)
-    # Two jobs that each take every CPU of the node: one runs, the other waits for Resources. With
-    # a grace of 0, a reason taken for "cannot start" would cancel the waiting one at once.
+    # Two jobs that each take every CPU of a node, both kept off n2: one runs, the other waits for Resources.
+    # With a grace of 0, a reason taken for "cannot start" would cancel the waiting one at once.
     result = run("src.train", "-m", "hydra/launcher=slurm_cpu", f"hydra.launcher.cpus_per_task={cpus}",
-                 "hydra.launcher.mem_gb=2", *WAIT, "hydra.launcher.cannot_start_grace_s=0", f"data.data_dir={tiny_data}",
+                 "hydra.launcher.exclude=n2", "hydra.launcher.mem_gb=2", *WAIT, "hydra.launcher.cannot_start_grace_s=0", f"data.data_dir={tiny_data}",
                  "trainer.max_epochs=1", "model.hidden=8,16", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, env=env)
 
     assert result.returncode == 0, result.stderr[-3000:]
@@ -315,14 +352,17 @@ def test_optuna_workers_as_slurm_jobs_share_one_study(slurm_cluster, tiny_data, 
     env, study_dir = environment(slurm_cluster), tmp_path / "study"
     tune = " ".join(command("src.tune", f"data.data_dir={tiny_data}", *SEARCH, "hparams_search.n_trials=4",
                             f"hydra.run.dir={study_dir}"))
-    # docs/slurm.md's command for a cluster, with what this one has.
-    submitted = subprocess.run(["sbatch", "--array=1-2", "--cpus-per-task=1", "--mem=2G", "--time=10",
+    # docs/slurm.md's command for a cluster, with what this one has: a whole node each, so one worker a node.
+    cpus, _ = node_size(env)
+    submitted = subprocess.run(["sbatch", "--array=1-2", f"--cpus-per-task={cpus}", "--mem=2G", "--time=10",
                                 f"--output={tmp_path}/worker-%a.out", "--wrap", tune],
                                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert submitted.returncode == 0, submitted.stderr[-3000:]
     job_id = re.search(r"Submitted batch job (\d+)", submitted.stdout).group(1)
     assert [final_state(env, f"{job_id}_{n}", timeout=300) for n in (1, 2)] == ["COMPLETED", "COMPLETED"]
-    check_study(study_dir, 4, [(tmp_path / f"worker-{n}.out").read_text() for n in (1, 2)])
+    logs = [(tmp_path / f"worker-{n}.out").read_text() for n in (1, 2)]
+    check_study(study_dir, 4, logs)
+    assert sorted(nodes_said(log)[0] for log in logs) == ["n1", "n2"]  # one worker on each node
 
 
 def test_a_sqlite_study_from_before_is_still_resumed(tiny_data, tmp_path):
@@ -342,3 +382,131 @@ def test_a_sqlite_study_from_before_is_still_resumed(tiny_data, tmp_path):
     assert "1 of 2 trials done" in said and f"resuming {study_dir / 'study.db'} (SQLite)" in said
     assert [t.number for t in optuna.load_study(study_name="mnist-mlp", storage=storage).trials] == [0, 1]
     assert not (study_dir / "journal.log").exists()
+
+
+def scontrol_job(env: dict, job_id: str) -> dict[str, str]:
+    """`scontrol show job` of the job as {field: value}."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def take_a_node_away_once_trained(env: dict, sweep: subprocess.Popen, checkpoint: Path) -> tuple[str, int]:
+    """Once the two-node job has saved its first last.ckpt, n2 goes down (as a failed node goes) and comes back.
+    Returns the job's id and the step of the last.ckpt saved before the job ended."""
+    import torch
+
+    deadline = time.time() + 180
+    while not checkpoint.is_file():  # an epoch is done: the job is well under way
+        assert sweep.poll() is None and time.time() < deadline, "the job did not train its first epoch"
+        time.sleep(0.5)
+    (job_id,) = [job for job, state in slurm_states(env).items() if state == "RUNNING"]
+    subprocess.run(["scontrol", "update", "nodename=n2", "state=down", "reason=a test's lost node"], env=env,
+                   check=True)
+    while (state := slurm_states(env)[job_id]) in ("RUNNING", "COMPLETING"):
+        assert time.time() < deadline, f"job {job_id} still {state} after its node went down"
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], env=env, check=False)  # may be back already
+    return job_id, torch.load(checkpoint, weights_only=True)["global_step"]
+
+
+STEPS = 150  # a two-node job's steps an epoch: 600 images / 2 processes / batches of 2
+
+
+def test_a_lost_node_requeues_the_job_and_it_goes_on_from_its_last_ckpt(slurm_cluster, tiny_data, tmp_path):
+    import torch
+
+    env, sweep_dir = environment(slurm_cluster), tmp_path / "sweep"
+    args = [*TWO_NODES, f"data.data_dir={tiny_data}", "data.batch_size=2", "trainer.max_epochs=2"]
+    sweep = subprocess.Popen(command("src.train", "-m", *args, *WAIT, f"hydra.sweep.dir={sweep_dir}"), cwd=tmp_path,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = sweep_dir / "0" / "checkpoints" / "last.ckpt"
+    try:
+        job_id, saved_step = take_a_node_away_once_trained(env, sweep, checkpoint)
+        # SLURM requeued it (--requeue) and holds it back for the credentials' lifetime (BeginTime: 20 s on the
+        # test cluster, cred_expire), then starts it again.
+        job = scontrol_job(env, job_id)
+        assert (job["JobState"], job["Restarts"], job["Requeue"]) == ("PENDING", "1", "1"), job
+        out, err = sweep.communicate(timeout=240)  # a sweep that would wait for the first start forever fails here
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+
+    assert sweep.returncode == 0, err[-3000:]
+    assert f"SLURM job {job_id} still waiting after " in out + err  # while requeued: said, with the reason
+    (row,) = read_summary(sweep_dir)
+    assert row["status"] == "completed" and row["resumed"] == f"step {saved_step} (SLURM restart 1)", row
+    assert STEPS <= saved_step < 2 * STEPS
+    log = job_log(sweep_dir, job_id)
+    assert "DUE TO NODE FAILURE" in log
+    assert log.count(f"SLURM started this job again (restart 1); going on from {checkpoint} at step {saved_step}, "
+                     "not from step 0") == 2  # both processes went on
+    final = torch.load(checkpoint, weights_only=True)
+    assert (final["epoch"], final["global_step"]) == (1, 2 * STEPS)  # Lightning counts epochs from 0
+    # Nothing lost: metrics.csv has every epoch, the ones before the node failed among them.
+    assert len(logged(sweep_dir / "0" / "metrics.csv", "train/loss")) == 2 and row["epochs"] == "2"
+    assert final_state(env, job_id) == "COMPLETED"
+
+
+def test_a_lost_node_without_requeue_is_a_failed_row_naming_it_and_the_last_ckpt(slurm_cluster, tiny_data, tmp_path):
+    env, sweep_dir = environment(slurm_cluster), tmp_path / "sweep"
+    args = [*TWO_NODES, "hydra.launcher.requeue=false", f"data.data_dir={tiny_data}", "data.batch_size=8",
+            "trainer.max_epochs=50"]
+    sweep = subprocess.Popen(command("src.train", "-m", *args, f"hydra.sweep.dir={sweep_dir}"), cwd=tmp_path,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoint = sweep_dir / "0" / "checkpoints" / "last.ckpt"
+    try:
+        job_id, _ = take_a_node_away_once_trained(env, sweep, checkpoint)
+        out, err = sweep.communicate(timeout=120)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+
+    assert sweep.returncode == 1, err[-3000:]
+    assert err.strip().splitlines()[-1] == f"error: 1 of 1 jobs failed; their errors are in {sweep_dir / 'summary.csv'}"
+    (row,) = read_summary(sweep_dir)
+    assert row["status"] == "failed" and row["checkpoint"] == str(checkpoint) and row["resumed"] == ""
+    assert row["error"].startswith(
+        f"UncompletedJobError: SLURM job {job_id} ended NODE_FAIL (a node of the job failed, and SLURM did not start "
+        f"it again: hydra.launcher.requeue=false or the cluster's JobRequeue=0; resume from {checkpoint}) without "
+        "returning"), row["error"]
+    assert "#SBATCH --no-requeue" in next((sweep_dir / ".submitit").glob("*/*_submission.sh")).read_text()
+    assert scontrol_job(env, job_id)["Restarts"] == "0"
+
+
+def rendezvous_line(world_size: int, port: str, bound: int) -> str:
+    return (rf"the {world_size} DDP processes did not meet at nowhere\.invalid:{port} \(MASTER_ADDR:MASTER_PORT\) "
+            rf"within trainer\.rendezvous_timeout_s={bound} \(waited (\d+) s\): nowhere\.invalid resolves nowhere; "
+            r"check that the node names resolve on every node \(getent hosts nowhere\.invalid\), that port \d+ is "
+            r"not blocked between the nodes, and that every task started \(the job's logs\)")
+
+
+def test_processes_that_cannot_meet_end_a_two_node_job_as_a_failed_row_within_the_bound(slurm_cluster, tiny_data,
+                                                                                        tmp_path):
+    # sbatch passes the environment on: the address Lightning would take from the node list resolves nowhere.
+    env, sweep_dir = {**environment(slurm_cluster), "MASTER_ADDR": "nowhere.invalid"}, tmp_path / "sweep"
+    result = run("src.train", "-m", *TWO_NODES, "trainer.rendezvous_timeout_s=6", f"data.data_dir={tiny_data}",
+                 f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, env=env, timeout=150)
+
+    assert result.returncode == 1, result.stderr[-3000:]
+    (row,) = read_summary(sweep_dir)
+    job_id = slurm_job_id(sweep_dir / "0")
+    port = str(15000 + int(job_id[-4:]))  # Lightning's port of a SLURM job
+    waited = re.fullmatch("RendezvousTimeout: " + rendezvous_line(2, port, 6), row["error"])
+    assert row["status"] == "failed" and waited, row["error"]
+    assert int(waited.group(1)) <= 6
+    assert final_state(env, job_id) == "COMPLETED"  # the job ended by itself, as the row says
+
+
+def test_local_ddp_processes_that_cannot_meet_end_in_one_line_within_the_bound(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    result = run("src.train", "trainer=ddp_cpu", "trainer.rendezvous_timeout_s=4", f"data.data_dir={tiny_data}",
+                 f"hydra.run.dir={run_dir}", cwd=tmp_path, env=entry_env(MASTER_ADDR="nowhere.invalid"), timeout=120)
+
+    assert result.returncode == 1
+    (line,) = result.stderr.strip().splitlines()  # torch's retries and their stack traces held back
+    waited = re.fullmatch("error: " + rendezvous_line(2, r"\d+", 4), line)
+    assert waited and int(waited.group(1)) <= 4, line
+    # The process Lightning started for the second device was stopped with the first.
+    left = subprocess.run(["pgrep", "-f", f"hydra.run.dir={run_dir}"], capture_output=True, text=True)
+    assert left.stdout == "", left.stdout

@@ -9,6 +9,8 @@ line for a job that returned no result, from submitit's own exceptions.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from hydra_plugins.keras_mnist_slurm.pending import Cluster, Partition, cannot_start
@@ -87,7 +89,7 @@ def test_sinfo_lines_are_read_per_partition_with_the_default_one_marked(monkeypa
         "ask for less, or choose another hydra.launcher.partition")
 
 
-def test_a_job_that_failed_outside_its_task_says_what_failed_not_that_it_ended():
+def test_a_job_that_failed_outside_its_task_says_what_failed_not_that_it_ended(tmp_path):
     """submitit's FailedJobError (the job's code raised outside the task, say importing it) is an
     UncompletedJobError too: it gets its own line, the traceback's last, not "ended without returning"."""
     import traceback
@@ -107,13 +109,25 @@ def test_a_job_that_failed_outside_its_task_says_what_failed_not_that_it_ended()
     failure = FailedJobError(f"Job (task=0) failed during processing with trace:\n----------------------\n{trace}\n"
                              "----------------------\nYou can check full logs with 'job.stderr(0)' and 'job.stdout(0)'"
                              f"or at paths:\n  - {paths.stderr}\n  - {paths.stdout}")
-    error = _why_no_result(job, failure)
+    error = _why_no_result(job, failure, Path("/sweep/0"))
     assert type(error) is FailedJobError
     assert str(error) == f"SLURM job 7 failed: ModuleNotFoundError: No module named 'src.no_such_module' (log: {paths.stderr})"
 
     job.state = "TIMEOUT"
     job.stderr = lambda: "train images (600, 784)\nInterrupted in epoch 3 after 41 steps; saved /run/last.ckpt\n"
-    error = _why_no_result(job, UncompletedJobError("Job 7 (task: 0) with path ... has not produced any output"))
+    error = _why_no_result(job, UncompletedJobError("Job 7 (task: 0) with path ... has not produced any output"),
+                           Path("/sweep/0"))
     assert type(error) is UncompletedJobError
     assert str(error) == ("SLURM job 7 ended TIMEOUT without returning: Interrupted in epoch 3 after 41 steps; saved "
                           f"/run/last.ckpt (log: {paths.stderr})")
+
+    job.state = "NODE_FAIL"  # a lost node, and hydra.launcher.requeue=false: the row says where to resume from
+    last = tmp_path / "0" / "checkpoints" / "last.ckpt"
+    for saved in (False, True):
+        error = _why_no_result(job, UncompletedJobError("Job 7 (task: 0) has not produced any output"), tmp_path / "0")
+        where = f"resume from {last}" if saved else "it had saved no last.ckpt"
+        assert str(error) == ("SLURM job 7 ended NODE_FAIL (a node of the job failed, and SLURM did not start it again: "
+                              f"hydra.launcher.requeue=false or the cluster's JobRequeue=0; {where}) without returning: "
+                              f"Interrupted in epoch 3 after 41 steps; saved /run/last.ckpt (log: {paths.stderr})")
+        last.parent.mkdir(parents=True, exist_ok=True)
+        last.touch()

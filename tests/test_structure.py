@@ -14,8 +14,8 @@ LAYERS = [
     ("the error type", {"errors"}),
     ("config and the command-line layer", {"config", "cli", "extras", "run_context"}),
     ("plain PyTorch", {"idx", "network", "checkpoint", "pictures", "inference", "atomic", "plots", "run_files",
-                       "offline_digits"}),
-    ("the Lightning layer", {"data", "model", "callbacks", "console", "tracking", "sweep", "journal"}),
+                       "offline_digits", "slurm_job"}),
+    ("the Lightning layer", {"data", "model", "callbacks", "console", "tracking", "sweep", "journal", "rendezvous"}),
     ("entry points", {"train", "predict", "app", "export", "tune", "evaluate"}),
 ]
 

@@ -39,7 +39,7 @@ def expected_params(data: Path, store: Path) -> dict:
         "trainer.accelerator": "cpu", "trainer.devices": 1, "trainer.strategy": "auto", "trainer.num_nodes": 1,
         "trainer.max_epochs": 2, "trainer.precision": None, "trainer.limit_train_batches": None,
         "trainer.limit_val_batches": None, "trainer.limit_test_batches": None, "trainer.fast_dev_run": False,
-        "trainer.deterministic": None, "trainer.enable_progress_bar": True,
+        "trainer.deterministic": None, "trainer.enable_progress_bar": True, "trainer.rendezvous_timeout_s": 300,
         "logger.tensorboard": True, "logger.mlflow": True, "logger.tracking_uri": f"sqlite:///{store}",
         "logger.experiment_name": None,
         "early_stopping.enabled": False, "early_stopping.patience": 3, "early_stopping.min_delta": 0.0,

@@ -194,6 +194,8 @@ def test_early_stopping_ends_a_run_whose_val_acc_stopped_rising_and_tests_its_be
     ("early_stopping.enabled=true", "early_stopping.enabled=true is not valid: early stopping watches val/acc, which "
                                     "needs a validation split"),
     ("early_stopping.patience=0", "early_stopping.patience=0 is not valid"),
+    ("trainer.rendezvous_timeout_s=0", "trainer.rendezvous_timeout_s=0 is not valid: expected a whole number of "
+                                       "seconds, 1 or more"),
 ])
 def test_bad_values_are_refused_before_anything_runs(tmp_path, override, key):
     with pytest.raises(UserError, match=re.escape(key)):

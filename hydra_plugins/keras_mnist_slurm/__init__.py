@@ -43,7 +43,7 @@ except ImportError:
 log = logging.getLogger(__name__)
 
 # The settings this launcher adds to submitit_slurm's, which are not sbatch's (launch() keeps them from submitit).
-OWN_SETTINGS = ("wait_report_s", "cannot_start_grace_s")
+OWN_SETTINGS = ("wait_report_s", "cannot_start_grace_s", "requeue")
 
 if SubmititSlurmLauncher is not None:
     @dataclass
@@ -55,6 +55,8 @@ if SubmititSlurmLauncher is not None:
         wait_report_s: int = 60
         # A job whose reason says it cannot start as submitted is cancelled once it has said so this long.
         cannot_start_grace_s: int = 120
+        # SLURM starts a job again after a node failure (sbatch --requeue; false: --no-requeue, the job fails).
+        requeue: bool = True
 
     ConfigStore.instance().store(group="hydra/launcher", name="keras_mnist_slurm", node=KerasMnistSlurmConf,
                                  provider="keras_mnist_slurm")
@@ -68,7 +70,7 @@ def one_line(text: object) -> str:
 
 class SlurmLauncher(SubmititSlurmLauncher or object):
     def __init__(self, **params: Any) -> None:
-        for key, least in zip(OWN_SETTINGS, (1, 0)):
+        for key, least in (("wait_report_s", 1), ("cannot_start_grace_s", 0)):
             if params[key] < least:
                 from src.errors import exit_with
 
@@ -84,7 +86,9 @@ class SlurmLauncher(SubmititSlurmLauncher or object):
 
         assert self.config is not None
         params = dict(self.params)
-        report_s, grace_s = (params.pop(key) for key in OWN_SETTINGS)
+        report_s, grace_s, requeue = (params.pop(key) for key in OWN_SETTINGS)
+        # A job requeued after a node failure goes on from its last.ckpt (src/slurm_job.py).
+        params["additional_parameters"] = {**params["additional_parameters"], "requeue" if requeue else "no-requeue": True}
         request = dict(params)  # what the jobs ask for, to say what to change when SLURM cannot start them
         executor = submitit.AutoExecutor(cluster=self._EXECUTOR, folder=params.pop("submitit_folder"),
                                          slurm_max_num_timeout=params.pop("max_num_timeout"))
@@ -158,7 +162,7 @@ class SlurmLauncher(SubmititSlurmLauncher or object):
         try:
             return job.results()[0]  # the first task's JobReturn, as the plugin returns
         except UncompletedJobError as failure:  # FailedJobError too, a subclass of it
-            error = _why_no_result(job, failure)
+            error = _why_no_result(job, failure, Path(str(self.config.hydra.sweep.dir)) / str(num))
         log.error(f"#{num} : {one_line(error)}")
         return self._report_failure(list(overrides), num, job.job_id, error)
 
@@ -195,9 +199,10 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
-def _why_no_result(job: Any, failure: Exception) -> Exception:
+def _why_no_result(job: Any, failure: Exception, job_dir: Path) -> Exception:
     """One line for a job that returned nothing: its own code failed outside the task (FailedJobError,
-    say importing it), or SLURM ended it first (UncompletedJobError: killed, timed out, cancelled)."""
+    say importing it), or SLURM ended it first (UncompletedJobError: killed, timed out, cancelled, a node
+    failure that it did not requeue)."""
     from submitit.core.utils import FailedJobError, UncompletedJobError
 
     if isinstance(failure, FailedJobError):
@@ -207,8 +212,16 @@ def _why_no_result(job: Any, failure: Exception) -> Exception:
         trace = [line for line in (parts[1] if len(parts) > 2 else str(failure)).splitlines() if line.strip()]
         return FailedJobError(f"SLURM job {job.job_id} failed: {one_line(trace[-1] if trace else failure)}"
                               f" (log: {job.paths.stderr})")
-    return UncompletedJobError(f"SLURM job {job.job_id} ended {job.state} without returning{_last_words(job)}"
-                               f" (log: {job.paths.stderr})")
+    node_failure = ""
+    if job.state == "NODE_FAIL":
+        from src.run_files import last_checkpoint
+
+        last = last_checkpoint(job_dir)
+        node_failure = (" (a node of the job failed, and SLURM did not start it again: hydra.launcher.requeue=false "
+                        "or the cluster's JobRequeue=0; " + (f"resume from {last})" if last.is_file() else
+                                                             "it had saved no last.ckpt)"))
+    return UncompletedJobError(f"SLURM job {job.job_id} ended {job.state}{node_failure} without returning"
+                               f"{_last_words(job)} (log: {job.paths.stderr})")
 
 
 def _last_words(job: Any) -> str:
