@@ -5,7 +5,8 @@ job), as Lightning's SLURM support requeues a preempted one, and the job then ru
 the top. A job of a sweep runs in the same folder every time (multirun/DATE/TIME/N), so when
 SLURM_RESTART_COUNT says it was started again it goes on from that folder's last.ckpt instead of from step
 0, says so, and leaves a record that the sweep's summary reads (its `resumed` column). Without a last.ckpt
-it cannot go on, and its row of summary.csv is failed and says so.
+it cannot go on, and its row of summary.csv is failed and says so. A run of its own goes on the same way
+where its folder is fixed (hydra.run.dir); in a new folder it says that it starts from step 0.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import functools
 import json
 import os
 import shlex
+import sys
 from pathlib import Path
 
 from src import run_files
@@ -44,12 +46,16 @@ def restarts() -> int:
 
 
 def going_on(config, run_dir: Path, context: RunContext):
-    """The config of this run: as given, or, for a job of a sweep that SLURM started again, with ckpt_path at
-    its folder's last.ckpt."""
+    """The config of this run: as given, or, for a job that SLURM started again in a folder holding a last.ckpt
+    (a job of a sweep; a run given its hydra.run.dir), with ckpt_path at that last.ckpt."""
     count = restarts()
-    if count == 0 or not context.sweep:
+    if count == 0:
         return config
     last = run_files.last_checkpoint(run_dir)
+    if not last.is_file() and not context.sweep:  # a run of its own has a new folder each time it starts
+        print(f"warning: SLURM started this job again (restart {count}) in a new run folder, so it starts from "
+              "step 0; a run given hydra.run.dir=FOLDER goes on from FOLDER's last.ckpt", file=sys.stderr)
+        return config
     if not last.is_file():
         raise CannotGoOn(f"SLURM started job {os.environ.get('SLURM_JOB_ID')} again (restart {count}: after a node "
                          f"failure or a preemption) and {last} is missing, so it cannot go on where it stopped; "
