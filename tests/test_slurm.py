@@ -410,14 +410,14 @@ def take_a_node_away_once_trained(env: dict, sweep: subprocess.Popen, checkpoint
     return job_id, torch.load(checkpoint, weights_only=True)["global_step"]
 
 
-STEPS = 150  # a two-node job's steps an epoch: 600 images / 2 processes / batches of 2
+STEPS = 75  # a two-node job's steps an epoch: 600 images / 2 processes / batches of 4
 
 
 def test_a_lost_node_requeues_the_job_and_it_goes_on_from_its_last_ckpt(slurm_cluster, tiny_data, tmp_path):
     import torch
 
     env, sweep_dir = environment(slurm_cluster), tmp_path / "sweep"
-    args = [*TWO_NODES, f"data.data_dir={tiny_data}", "data.batch_size=2", "trainer.max_epochs=2"]
+    args = [*TWO_NODES, f"data.data_dir={tiny_data}", f"data.batch_size={600 // 2 // STEPS}", "trainer.max_epochs=2"]
     sweep = subprocess.Popen(command("src.train", "-m", *args, *WAIT, f"hydra.sweep.dir={sweep_dir}"), cwd=tmp_path,
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     checkpoint = sweep_dir / "0" / "checkpoints" / "last.ckpt"

@@ -112,8 +112,9 @@ SelectTypeParameters=CR_Core_Memory
 ReturnToService=2
 # Finished jobs stay visible to squeue (and so to tests/slurm/bin/sacct) for an hour.
 MinJobAge=3600
-# SIGTERM at a time limit or scancel, then SIGKILL this many seconds later: time to save last.ckpt.
-KillWait=30
+# SIGTERM at a time limit, scancel or a lost node, then SIGKILL this many seconds later: time to save
+# last.ckpt (a second or two here), and what a job whose node was lost waits for before it is requeued.
+KillWait=10
 SchedulerParameters=sched_interval=2
 NodeName=n1 NodeHostname=localhost Port=16818 CPUs=$cpus Sockets=${sockets:-1} CoresPerSocket=${cores:-$cpus} ThreadsPerCore=${threads:-1} RealMemory=$memory State=UNKNOWN
 NodeName=n2 NodeHostname=localhost Port=16819 CPUs=$cpus Sockets=${sockets:-1} CoresPerSocket=${cores:-$cpus} ThreadsPerCore=${threads:-1} RealMemory=$memory State=UNKNOWN
