@@ -1,0 +1,724 @@
+"""Every fenced code block of README.md and docs/*.md is run here, or marked in its page as not runnable on the
+test machines, with the reason.
+
+Sybil's Markdown lexers find the blocks and the marks; the tests drive them, one page at a time, in a folder of
+the page's own under pytest's temporary folder (its `data/` the tiny IDX files of tests/conftest.py's
+write_dataset). `python -m src.X` runs in this process (runpy), as many commands share one process; what needs
+processes of its own (DDP, the joblib and submitit launchers, servers) runs as subprocesses, the servers stopped
+by pid when the page is done. A block that shows output (a ```text block right after a command, or a ```console
+block of `$ command` lines and what each printed) is compared by its shape: the same lines in the same order,
+numbers, dates, paths and class names matched by pattern (the page's figures come from the full datasets).
+An example that shows an error must end with that error and a non-zero exit status, every other one with 0.
+
+A mark is an HTML comment right before the block, invisible on the site and on GitHub:
+
+    <!-- not-run: REASON -->                  the whole block
+    <!-- not-run: lines 1, 3-4: REASON -->    those lines of it (counted from the block's first line)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import runpy
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import traceback
+import urllib.request
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, entry_env, free_port, write_dataset
+
+PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the tests change in the pages' commands, and why: the one place where they differ from what a user types.
+# (regex searched in the command as the page writes it, what is added: a key=value replaces the command's own
+# value of that key, anything else is appended; why)
+ADDED = [
+    (r"^python -m src\.(train|tune)\b.*(data\.val_size=10000|\+sweep=grid)|^python -m src\.tune\b(?!.*data\.val_size)",
+     ["data.data_dir=data-val"],
+     "10,000 validation images held out, as the page does: data-val/ has 10,600 training images, so 600 train"),
+    (r"^python -m src\.train -m\b", ["trainer.max_epochs=1"], "a sweep's jobs: 1 epoch each"),
+    (r"hydra/launcher=(joblib|submitit_local)\b", ["optimizer.lr=1e-3", "model.hidden=128"],
+     "a job in a process of its own: one of the grid's 3 x 2"),
+    (r"trainer=ddp_cpu\b", ["trainer.max_epochs=1"], "two processes talking through gloo: 1 epoch"),
+    (r"^python -m src\.tune( data=fashion_mnist|$)", ["hparams_search.n_trials=2"], "2 trials, not 20"),
+    (r"^python -m src\.tune hparams_search\.n_trials=40", ["hparams_search.n_trials=4"],
+     "the same study resumed: 2 more trials, not 20"),
+    (r"^python -m src\.tune '\+hparams_search", ["hparams_search.n_trials=2", "hparams_search.study_name=rho"],
+     "2 trials, in a study of their own: the page's first commands filled mnist-mlp"),
+    (r"^python -m src\.tune data\.val_size=100 ", ["hparams_search.study_name=tiny"],
+     "its 4 trials in a study of their own, as the page measured them: mnist-mlp holds the commands' above"),
+    (r"^python -m src\.app\b", ["port=FREE"], "a free port on 127.0.0.1, standing for the page's 7860 or 8000"),
+    (r"^python -m mkdocs serve\b", ["--dev-addr=127.0.0.1:FREE"], "a free port, standing for the page's 8000"),
+    (r"^jupyter notebook\b", ["--no-browser", "--port=FREE", "--ServerApp.ip=127.0.0.1", "--allow-root"],
+     "no browser to open; a free port on 127.0.0.1; the test machines may run as root, which Jupyter refuses unasked"),
+    (r"^tensorboard\b", ["--host=127.0.0.1", "--port=FREE"], "a free port on 127.0.0.1, standing for 6006"),
+    (r"^mlflow ui\b", ["--host=127.0.0.1", "--port=FREE"], "a free port on 127.0.0.1, standing for 5000"),
+]
+# Paths and addresses the pages write for "yours": (regex, what stands for it, why).
+PLACEHOLDERS = [
+    (r"outputs/2026-01-01/12-00-00/checkpoints/last\.ckpt", "FIRST:last.ckpt", "last.ckpt of the page's first run"),
+    (r"outputs/2026-01-01/12-00-00/checkpoints/best-epoch05-val_acc0\.8724\.ckpt", "FIRST:best-*.ckpt",
+     "best-*.ckpt of the page's first run that has one"),
+    (r"/path/to/mnist-files", "idx-files", "a folder holding the four IDX files, as the page says"),
+    (r"http://127\.0\.0\.1:7860", "SERVED:7860", "the page's server, on the port it was given"),
+]
+# Pages whose shown output comes "right after" a command their prose names (the page's own words in the comment).
+PRELUDES = {
+    "docs/evaluate.md": ["python -m src.train data=fashion_mnist data.val_size=10000"],  # "Right after the run ..."
+    "docs/export.md": ["python -m src.train data=fashion_mnist"],  # "Right after `python -m src.train data=fashion_mnist`"
+    "docs/app.md": ["python -m src.train"],  # "the newest last.ckpt under outputs/": any training run
+}
+# Commands that need processes of their own (Lightning's DDP starts its other process by running the command line
+# again; a launcher's jobs run in other processes); servers are told by SERVER.
+OWN_PROCESS = re.compile(r"trainer=ddp_cpu\b|hydra/launcher=(joblib|submitit_local)\b")
+SERVER = re.compile(r"^(python -m src\.app|python -m mkdocs serve|jupyter notebook|tensorboard|mlflow ui)\b")
+# A server whose serving does not depend on the page's folder runs once per session (it serves the repository).
+SESSION_SERVER = re.compile(r"^python -m mkdocs serve\b")
+# Commands run only where they can show what the page shows: (regex, whether it can, why not otherwise).
+ONLY_WHERE = [
+    (r"device=cuda\b", lambda: not cuda_available(), "shows what a machine without CUDA says"),
+]
+
+SLOW_THREADS = 1  # torch threads for the in-process runs: the build machine's 2 cores are shared (4x faster so)
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pages' blocks and marks, found by Sybil's lexers.
+
+@dataclass
+class Block:
+    page: str
+    line: int  # of the opening fence
+    language: str
+    source: str
+    marks: list = field(default_factory=list)  # (set of block lines or None for all, reason)
+    before: str = ""  # the page's text between the previous block and this one
+
+    @property
+    def where(self) -> str:
+        return f"{self.page}:{self.line}"
+
+    def marked(self, line: int | None = None) -> str | None:
+        """The reason why the block (or its line `line`, counted from 1) is not run, or None."""
+        for lines, reason in self.marks:
+            if lines is None or (line is not None and line in lines):
+                return reason
+        return None
+
+
+MARK = re.compile(r"(?:lines? (?P<lines>[\d ,-]+): )?(?P<reason>.+)", re.S)
+
+
+def page_blocks(page: str) -> list[Block]:
+    from sybil import Document
+    from sybil.parsers.markdown.lexers import DirectiveInHTMLCommentLexer, RawFencedCodeBlockLexer
+
+    fences = RawFencedCodeBlockLexer(info_pattern=re.compile(r"(?P<language>[^\n]*)$\n", re.M),
+                                     mapping={"language": "language", "source": "source"})
+    marks = DirectiveInHTMLCommentLexer("not-run", arguments=".+?")
+
+    def blocks(document):
+        for region in fences(document):
+            region.parsed = ("block", region.lexemes["language"].strip(), str(region.lexemes["source"]))
+            yield region
+
+    def mark_regions(document):
+        for region in marks(document):
+            region.parsed = ("mark", region.lexemes["arguments"].strip())
+            yield region
+
+    document = Document.parse(str(ROOT / page), blocks, mark_regions)
+    found, pending, end = [], [], 0
+    for example in document.examples():
+        if example.parsed[0] == "mark":
+            match = MARK.fullmatch(example.parsed[1])
+            lines = None if not match["lines"] else {n for part in match["lines"].split(",") for n in _span(part)}
+            pending.append((lines, match["reason"].strip()))
+        else:
+            _, language, source = example.parsed
+            found.append(Block(page, example.line, language, source, pending, document.text[end:example.start]))
+            pending = []
+        end = example.end
+    assert not pending, f"{page}: a not-run mark at its end, before no block"
+    return found
+
+
+def _span(part: str) -> range:
+    first, _, last = part.strip().partition("-")
+    return range(int(first), int(last or first) + 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shape of shown output.
+
+NUMBER = r"\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?"
+
+
+def _class_names() -> str:
+    from src.inference import CLASS_NAMES
+
+    return "|".join(re.escape(name) for names in CLASS_NAMES.values() for name in names if not name.isdigit())
+
+
+def line_pattern(shown: str) -> re.Pattern:
+    """A printed line of the same shape as the page's `shown`: its words and signs as they are; any number for a
+    number (dates, times, figures, a run folder's name); any path for an absolute path; anything for `...`; any
+    class name in parentheses for one; a bar of any length for a progress bar."""
+    tokens = re.compile(rf"(?P<ellipsis>\.\.\.|…)|(?P<path>(?<![\w.])/[^\s'\",;()]+)|(?P<bar>[█▏▎▍▌▋▊▉]+ *)"
+                        rf"|(?P<name>\((?:{_class_names()})\))|(?P<number>{NUMBER})")
+    standing = {"ellipsis": ".*?", "path": r"\S+?", "bar": "[█▏▎▍▌▋▊▉ ]*", "name": r"\([^)]+\)", "number": NUMBER}
+    parts, at = [], 0
+    for match in tokens.finditer(shown.rstrip()):
+        parts += [re.escape(shown[at:match.start()]), standing[match.lastgroup]]
+        at = match.end()
+    parts.append(re.escape(shown.rstrip()[at:]))
+    return re.compile("".join(parts))
+
+
+def screen(printed: str) -> list[str]:
+    """The lines as a terminal leaves them: of a line redrawn after carriage returns, its last drawing."""
+    return [line.split("\r")[-1].rstrip() for line in printed.replace("\r\n", "\n").split("\n")]
+
+
+def shape_differs(shown: str, printed: str) -> str | None:
+    """None if every line the page shows is printed, in the same order, each of the same shape (line_pattern),
+    with any other printed lines in between; else which shown line is missing, and after what."""
+    lines, at = screen(printed), 0
+    for wanted in shown.strip("\n").splitlines():
+        if not wanted.strip() or wanted.strip() in ("...", "…"):
+            continue
+        pattern = line_pattern(wanted)
+        for i in range(at, len(lines)):
+            if pattern.fullmatch(lines[i]):
+                at = i + 1
+                break
+        else:
+            after = f"after the printed line {lines[at - 1]!r}" if at else "anywhere"
+            return f"the page's line {wanted.strip()!r} has no printed line of its shape {after}"
+    return None
+
+
+def last_line(printed: str) -> str:
+    return next((line for line in reversed(screen(printed)) if line.strip()), "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Steps: what a page's blocks ask for, in order.
+
+@dataclass
+class Step:
+    block: Block
+    kind: str  # "command", "python", "output" (of the step before), "marked"
+    text: str  # the command line, the python source, or the shown output
+    line: int = 1  # in the block
+    shown: str | None = None  # for a command: the output the page shows for it
+    reason: str | None = None  # for "marked"
+
+
+def block_steps(block: Block, previous: list[Step]) -> list[Step]:
+    """The steps of one block; a ```text block right after a command is that command's shown output."""
+    if block.marked() is not None:
+        return [Step(block, "marked", block.source, reason=block.marked())]
+    if block.language == "bash":
+        steps = []
+        for number, text in _command_lines(block.source):
+            reason = block.marked(number)
+            steps.append(Step(block, "marked", text, number, reason=reason) if reason else
+                         Step(block, "command", text, number))
+        return steps
+    if block.language == "console":
+        steps = []
+        for number, text in _command_lines("\n".join(l[2:] if l.startswith("$ ") else "\0" + l
+                                                     for l in block.source.splitlines())):
+            if text.startswith("\0"):
+                assert steps, f"{block.where}: a console block starts with output, not a `$ ` command"
+                steps[-1].shown = (steps[-1].shown or "") + text.replace("\0", "") + "\n"
+            else:
+                reason = block.marked(number)
+                steps.append(Step(block, "marked", text, number, reason=reason) if reason else
+                             Step(block, "command", text, number))
+        return steps
+    if block.language == "python":
+        return [Step(block, "python", block.source)]
+    if block.language == "text" and previous and _right_after(block, previous[-1]):
+        command = previous[-1]
+        if command.kind == "marked":
+            return [Step(block, "marked", block.source, reason=f"the output of a command not run here: {command.reason}")]
+        command.shown = block.source
+        return [Step(block, "output", block.source)]
+    raise AssertionError(f"{block.where}: a ```{block.language} block that is neither run nor marked: run it "
+                         "(bash, console, python, or text right after the command it shows) or mark it "
+                         "<!-- not-run: REASON -->")
+
+
+def _right_after(block: Block, step: Step) -> bool:
+    """A shown output follows its command's block, with at most a few lines of the page's words between."""
+    words = [line for line in block.before.splitlines() if line.strip()]
+    return step.block.language == "bash" and step.block is not block and len(words) <= 3 \
+        and not any(line.startswith("#") for line in words)
+
+
+def _command_lines(source: str):
+    """(line number in the block, the command) for each command, a line ending in \\ joined with the next."""
+    number, pending, start = 0, "", 1
+    for number, line in enumerate(source.splitlines(), 1):
+        if not pending:
+            start = number
+        if line.rstrip().endswith("\\") and not line.startswith("\0"):
+            pending += line.rstrip()[:-1] + " "
+            continue
+        text = (pending + line).strip()
+        pending = ""
+        if text and not text.startswith("#"):
+            yield start, text
+
+
+def page_steps(page: str) -> list[Step]:
+    steps: list[Step] = []
+    for block in page_blocks(page):
+        steps += block_steps(block, steps)
+    return steps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Running the steps.
+
+@dataclass
+class Outcome:
+    code: int
+    printed: str
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen
+    log: Path
+    url: str
+
+
+class PageRun:
+    """A page's folder, its servers, the Python namespace of its python blocks."""
+
+    def __init__(self, page: str, folder: Path, shared: Path, session: dict):
+        self.page, self.cwd, self.session = page, folder, session
+        self.namespace: dict = {"__name__": "__main__"}
+        self.servers: list[Server] = []
+        self.ports: dict[int, int] = {}  # the page's port -> the one used
+        folder.mkdir(parents=True)
+        (folder / "data").mkdir()
+        for dataset in ("MNIST", "FashionMNIST"):
+            (folder / "data" / dataset).symlink_to(shared / "data" / dataset)
+        for name in ("data-val", "idx-files"):
+            (folder / name).symlink_to(shared / name)
+        (folder / "my_digit.png").write_bytes((ROOT / "docs" / "my_digit.png").read_bytes())
+        (folder / "notebooks").mkdir()
+        (folder / "notebooks" / "walkthrough.ipynb").write_bytes((ROOT / "notebooks" / "walkthrough.ipynb").read_bytes())
+
+    # --- the command line as run here
+    def resolve(self, text: str) -> str:
+        for pattern, standing, _ in PLACEHOLDERS:
+            text = re.sub(pattern, lambda _: self._stand_in(standing), text)
+        return text
+
+    def _stand_in(self, standing: str) -> str:
+        kind, _, what = standing.partition(":")
+        if kind == "FIRST":  # outputs/DATE/TIME/ sorts as it was made
+            found = sorted(self.cwd.glob(f"outputs/*-*-*/*/checkpoints/{what}"))
+            assert found, f"{self.page}: no {what} under outputs/ for the page's placeholder"
+            return str(found[0].relative_to(self.cwd))
+        if kind == "SERVED":
+            assert int(what) in self.ports, f"{self.page}: no server was started for port {what}"
+            return f"http://127.0.0.1:{self.ports[int(what)]}"
+        return standing
+
+    def commands(self, text: str) -> list[list[str]]:
+        """The page's command line `text` as the commands run here: split at `&&`, the placeholders resolved,
+        ADDED's additions made."""
+        words = shlex.split(text, comments=True)
+        parts = [[]]
+        for word in words:
+            if word == "&&":
+                parts.append([])
+            else:
+                parts[-1].append(word)
+        return [self.added(part) for part in parts]
+
+    def added(self, words: list[str]) -> list[str]:
+        typed = shlex.join(words)  # as the page writes it
+        words = [self.resolve(word) for word in words]
+        for pattern, added, _ in ADDED:
+            if re.search(pattern, typed):
+                for word in added:
+                    if "FREE" in word:
+                        documented = _documented_port(typed)
+                        self.ports[documented] = self.ports.get(documented) or free_port()
+                        word = word.replace("FREE", str(self.ports[documented]))
+                    words = _with(words, word)
+        return words
+
+    # --- running
+    def command(self, step: Step) -> str | None:
+        """Run the step's command line; None when done, else why it failed."""
+        for pattern, can, why in ONLY_WHERE:
+            if re.search(pattern, step.text) and not can():
+                return f"SKIPPED: {why}"
+        parts = self.commands(step.text)
+        for number, part in enumerate(parts):
+            failure = self.one(step, part, step.shown if number == len(parts) - 1 else None)
+            if failure:
+                return failure
+        return None
+
+    def one(self, step: Step, words: list[str], shown: str | None) -> str | None:
+        env = {}
+        while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):
+            name, _, value = words.pop(0).partition("=")
+            env[name] = value
+        into = None
+        if words[-2:] == [">", words[-1]] or words[-3:-1] == [">", words[-2]] and words[-1] == "2>&1":
+            if words[-1] == "2>&1":
+                words = words[:-1]
+            into, words = words[-1], words[:-2]
+        text = shlex.join(words)
+        if words[:3] == ["pip", "install", "-e"] and len(words) == 4:
+            return self.pip_install(words[3])
+        if SERVER.match(text):
+            return self.serve(step, words, env)
+        if words[:2] == ["python", "-m"] and words[2].startswith("src.") and not OWN_PROCESS.search(text):
+            outcome = run_in_process(words[2], words[3:], self.cwd, env)
+        elif words[:2] == ["python", "-c"]:
+            outcome = exec_in_process(words[2], self.cwd, env)
+        elif words[:2] == ["python", "-m"]:
+            outcome = self.subprocess([sys.executable, *words[1:]], env)
+        else:
+            return f"no way to run `{text}` here: mark it <!-- not-run: lines {step.line}: REASON -->"
+        if into:
+            (self.cwd / into).write_text(outcome.printed)
+        return judge(text, outcome, shown)
+
+    def pip_install(self, spec: str) -> str | None:
+        """`pip install -e .` or `-e ".[EXTRA]"`: what it installs is installed (src/extras.py's check)."""
+        from src.extras import not_installed
+
+        match = re.fullmatch(r"\.(?:\[(\w+)\])?", spec)
+        if not match:
+            return f"pip install -e {spec}: not the project or one of its extras"
+        missing = not_installed(match[1])
+        return f"`pip install -e {spec}` would install {', '.join(missing)}" if missing else None
+
+    def subprocess(self, argv: list[str], env: dict) -> Outcome:
+        done = subprocess.run(argv, cwd=self.cwd, env=entry_env(**env, OMP_NUM_THREADS=str(SLOW_THREADS)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+        return Outcome(done.returncode, done.stdout)
+
+    def serve(self, step: Step, words: list[str], env: dict) -> str | None:
+        """Start a server, wait for its own word that it serves (the URL it prints, then a page from it)."""
+        text = shlex.join(words)
+        once = SESSION_SERVER.match(text)
+        if once:
+            if once[0] in self.session:
+                return None  # served already in this session, from the same repository
+            self.session[once[0]] = step.block.where
+        cwd = ROOT if once else self.cwd
+        argv = [sys.executable, *words[1:]] if words[0] == "python" else [str(Path(sys.executable).parent / words[0]),
+                                                                          *words[1:]]
+        log = self.cwd / f"server-{len(self.servers)}.log"
+        extra = {"JUPYTER_RUNTIME_DIR": str(self.cwd / ".jupyter"), "JUPYTER_CONFIG_DIR": str(self.cwd / ".jupyter"),
+                 "MLFLOW_TRACKING_URI": "", "OMP_NUM_THREADS": str(SLOW_THREADS)}
+        with log.open("w") as out:
+            process = subprocess.Popen(argv, cwd=cwd, env=entry_env("MLFLOW_TRACKING_URI", **env, **{
+                k: v for k, v in extra.items() if v}), stdout=out, stderr=subprocess.STDOUT, text=True)
+        server = Server(process, log, "")
+        self.servers.append(server)
+        port = next(int(w.rsplit("=", 1)[-1].rsplit(":", 1)[-1]) for w in words if re.search(r"port=\d+$|:\d+$", w))
+        server.url = wait_until_served(server, port)
+        if "host=0.0.0.0" in words:  # every interface: it answers on another address of this machine too
+            other = server.url.replace("127.0.0.1", "127.0.0.2")
+            if not answers(other):
+                return f"`{text}` was told host=0.0.0.0 but does not answer on {other}"
+        return None
+
+    def python(self, step: Step) -> str | None:
+        source = self.resolve(step.text)
+        printed = io.StringIO()
+        with in_folder(self.cwd), contextlib.redirect_stdout(printed):
+            try:
+                exec(compile(source, step.block.where, "exec"), self.namespace)
+            except Exception:  # noqa: BLE001 - the page's code failed: say how
+                return f"the python block failed:\n{traceback.format_exc()[-3000:]}"
+        return None
+
+    def close(self) -> None:
+        for server in self.servers:
+            if server.process.poll() is None:
+                server.process.send_signal(signal.SIGINT)  # Ctrl-C, as a user stops it
+                try:
+                    server.process.wait(30)
+                except subprocess.TimeoutExpired:
+                    server.process.kill()
+                    server.process.wait(30)
+
+
+def _documented_port(text: str) -> int:
+    """The port the page means: its port=N (or --port N), else the server's default."""
+    given = re.search(r"port[= ](\d+)", text)
+    if given:
+        return int(given[1])
+    defaults = {"python -m src.app": 7860, "python -m mkdocs serve": 8000, "jupyter notebook": 8888,
+                "tensorboard": 6006, "mlflow ui": 5000}
+    return next(port for start, port in defaults.items() if text.startswith(start))
+
+
+def _with(words: list[str], word: str) -> list[str]:
+    """`words` with `word` added: a key=value (Hydra's override, --flag=value) replaces the same key's."""
+    key = re.match(r"^[+~]*([^=]+)=", word)
+    if key:
+        for i, old in enumerate(words):
+            if re.match(rf"^[+~]*{re.escape(key[1])}=", old):
+                return [*words[:i], word, *words[i + 1:]]
+    return [*words, word]
+
+
+def judge(text: str, outcome: Outcome, shown: str | None) -> str | None:
+    """An example that shows an error ends with it and a non-zero status; the others exit 0; shown output keeps
+    its shape."""
+    tail = "\n".join(screen(outcome.printed)[-40:])
+    shows_error = shown is not None and re.search(r"^(error: |Traceback \(most recent call last\):)", shown, re.M)
+    if shows_error:
+        if outcome.code == 0:
+            return f"`{text}` exited 0, but the page shows it failing:\n{tail}"
+        wanted = last_line(shown)
+        if not line_pattern(wanted).fullmatch(last_line(outcome.printed)):
+            return f"`{text}` ended with\n  {last_line(outcome.printed)}\nnot with the page's\n  {wanted}"
+    elif outcome.code != 0:
+        return f"`{text}` exited {outcome.code}:\n{tail}"
+    if shown is not None:
+        differs = shape_differs(shown, outcome.printed)
+        if differs:
+            return f"the output of `{text}` is no longer the page's shape: {differs}; it printed:\n{tail}"
+    return None
+
+
+@contextlib.contextmanager
+def in_folder(folder: Path):
+    before = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+@contextlib.contextmanager
+def as_a_new_process(env: dict, printed: io.StringIO):
+    """What a `python ...` process would start with: its environment (`env` added, no HYDRA_FULL_ERROR unless
+    given), Python's own warning filters (each warning shown once per command, to its stderr), a fresh Hydra."""
+    import torch
+    from hydra.core.global_hydra import GlobalHydra
+
+    saved_env = dict(os.environ)
+    os.environ.pop("HYDRA_FULL_ERROR", None)
+    os.environ.update(env)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(SLOW_THREADS)
+    GlobalHydra.instance().clear()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            warnings.resetwarnings()
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", category)
+            warnings.showwarning = show
+            yield
+    finally:
+        GlobalHydra.instance().clear()
+        torch.set_num_threads(threads)
+        os.environ.clear()
+        os.environ.update(saved_env)
+
+
+def _exit_code(code) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)  # sys.exit("message"): printed, status 1
+    return 1
+
+
+def run_in_process(module: str, args: list[str], cwd: Path, env: dict) -> Outcome:
+    """`python -m MODULE ARGS` in this process: sys.argv set, its SystemExit caught, an uncaught exception printed
+    with its traceback (status 1), as Python does."""
+    printed = io.StringIO()
+    saved_argv = sys.argv
+    with in_folder(cwd), as_a_new_process(env, printed):
+        sys.argv = [module, *args]
+        try:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as stop:
+            code = _exit_code(stop.code)
+        except Exception:  # noqa: BLE001 - what Python prints for an uncaught exception
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.argv = saved_argv
+    return Outcome(code, printed.getvalue())
+
+
+def exec_in_process(code: str, cwd: Path, env: dict) -> Outcome:
+    """`python -c CODE` in this process."""
+    printed = io.StringIO()
+    with in_folder(cwd), as_a_new_process(env, printed):
+        try:
+            exec(compile(code, "<string>", "exec"), {"__name__": "__main__"})
+            status = 0
+        except SystemExit as stop:
+            status = _exit_code(stop.code)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            status = 1
+    return Outcome(status, printed.getvalue())
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def wait_until_served(server: Server, port: int, timeout: float = 300) -> str:
+    """The URL the server prints once it serves on `port`, after it has answered a request for it."""
+    deadline = time.time() + timeout
+    url = None
+    while time.time() < deadline:
+        printed = server.log.read_text(errors="replace")
+        assert server.process.poll() is None, f"the server stopped with status {server.process.returncode}:\n" \
+                                              f"{printed[-3000:]}"
+        found = re.search(rf"https?://(?:127\.0\.0\.1|localhost|0\.0\.0\.0):{port}[^\s)]*", printed)
+        if found:
+            url = found[0].replace("localhost", "127.0.0.1").replace("0.0.0.0", "127.0.0.1")
+            if answers(url):
+                return url
+        time.sleep(0.2)
+    raise AssertionError(f"not served on port {port} within {timeout} s (url {url}):\n{server.log.read_text()[-3000:]}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The tests.
+
+VERDICTS: dict[str, dict] = {}  # page -> {block line: [("ran", text) | ("marked", reason)]}
+TIMES: list[tuple[float, str, str]] = []  # (seconds, where, command) of each step run
+
+
+@pytest.fixture(scope="session")
+def docs_workspace(tmp_path_factory) -> Path:
+    """The pages' data, written once: data/MNIST/raw and data/FashionMNIST/raw, torchvision's layout, with 600
+    training and 200 test images; data-val/, with 10,600 training images, for the pages that hold 10,000 out;
+    idx-files/, the four files in one folder, as a user who has them would. A tenth of each test split is
+    labelled one class off, so that a model gets some test images wrong, as the pages' models do (evaluate's
+    gallery of mistakes)."""
+    from src.offline_digits import read_idx, write_idx
+
+    root = tmp_path_factory.mktemp("docs")
+    folders = [write_dataset(root / folder / dataset / "raw", n_train=n_train, gz=False)
+               for folder, n_train in (("data", 600), ("data-val", 10_600)) for dataset in ("MNIST", "FashionMNIST")]
+    folders.append(write_dataset(root / "idx-files"))
+    for folder in folders:
+        [labels] = folder.glob("t10k-labels-idx1-ubyte*")
+        wrong = read_idx(labels).copy()
+        wrong[::10] = (wrong[::10] + 1) % 10
+        write_idx(labels, wrong)
+    return root
+
+
+@pytest.fixture(scope="session")
+def session_servers() -> dict:
+    return {}
+
+
+def test_every_block_is_run_or_marked():
+    """Each page's blocks, read as the page tests read them: a block that is neither a runnable one nor marked
+    fails here, with its line."""
+    for page in PAGES:
+        for step in page_steps(page):
+            if step.kind == "marked":
+                assert step.reason and len(step.reason) > 10, f"{step.block.where}: a mark needs its reason"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", PAGES)
+def test_page_examples(page, docs_workspace, session_servers, tmp_path):
+    steps = page_steps(page)
+    verdicts = VERDICTS.setdefault(page, {})
+    run = PageRun(page, tmp_path / Path(page).stem, docs_workspace, session_servers)
+    try:
+        for text in PRELUDES.get(page, []):
+            prelude = Step(Block(page, 0, "bash", text), "command", text)
+            failure = run.command(prelude)
+            assert failure is None, f"{page}: its prelude `{text}`: {failure}"
+        for step in steps:
+            record = verdicts.setdefault(step.block.line, [])
+            if step.kind == "marked":
+                record.append(("marked", step.reason))
+                continue
+            if step.kind == "output":
+                record.append(("ran", "compared"))
+                continue
+            began = time.perf_counter()
+            failure = run.command(step) if step.kind == "command" else run.python(step)
+            if failure and failure.startswith("SKIPPED: "):
+                record.append(("marked", failure.removeprefix("SKIPPED: ")))
+                continue
+            assert failure is None, f"{step.block.where} (line {step.line} of the block): {failure}"
+            record.append(("ran", step.text))
+            TIMES.append((time.perf_counter() - began, f"{step.block.where}+{step.line - 1}", step.text[:90]))
+    finally:
+        run.close()
+
+
+def test_summary(capsys):
+    """How many blocks ran and how many are marked, by reason; and that every block of the pages run got one."""
+    if not VERDICTS:
+        pytest.skip("no page was run in this session (tests/test_docs_examples.py::test_page_examples)")
+    blocks, reasons, missing = Counter(), Counter(), []
+    for page, verdicts in VERDICTS.items():
+        for block in page_blocks(page):
+            kinds = {kind for kind, _ in verdicts.get(block.line, [])}
+            if not kinds:
+                missing.append(block.where)
+            blocks["ran" if "ran" in kinds else "marked" if kinds else "neither"] += 1
+            reasons.update(reason for kind, reason in verdicts.get(block.line, []) if kind == "marked")
+    with capsys.disabled():
+        print(f"\ndocs examples: {len(VERDICTS)} pages, {blocks['ran']} blocks run, {blocks['marked']} marked "
+              "not runnable here; the marked blocks and lines by reason:")
+        for reason, count in reasons.most_common():
+            print(f"  {count:3d}  {reason}")
+        print(f"the slowest of {len(TIMES)} steps run ({sum(t for t, _, _ in TIMES):.1f} s in all):")
+        for seconds, where, text in sorted(TIMES, reverse=True)[:12]:
+            print(f"  {seconds:6.1f} s  {where}  {text}")
+    assert not missing, f"blocks neither run nor marked: {missing}"
