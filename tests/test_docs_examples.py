@@ -18,6 +18,7 @@ A mark is an HTML comment right before the block, invisible on the site and on G
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import io
 import os
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, entry_env, free_port, write_dataset
+from tests.conftest import ROOT, entry_env, free_port, needs, write_dataset
 
 PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
 
@@ -50,14 +51,16 @@ ADDED = [
      ["data.data_dir=data-val"],
      "10,000 validation images held out, as the page does: data-val/ has 10,600 training images, so 600 train"),
     (r"^python -m src\.train -m\b", ["trainer.max_epochs=1"], "a sweep's jobs: 1 epoch each"),
+    (r"^python -m src\.train -m (?!.*logger=).*model\.hidden=128,512|^python -m src\.train -m \+sweep=grid$", ["model.hidden=128"],
+     "half a grid's jobs: model.hidden=128 only, its other rows as they are"),
     (r"hydra/launcher=(joblib|submitit_local)\b", ["optimizer.lr=1e-3", "model.hidden=128"],
      "a job in a process of its own: one of the grid's 3 x 2"),
     (r"trainer=ddp_cpu\b", ["trainer.max_epochs=1"], "two processes talking through gloo: 1 epoch"),
-    (r"^python -m src\.tune( data=fashion_mnist|$)", ["hparams_search.n_trials=2"], "2 trials, not 20"),
-    (r"^python -m src\.tune hparams_search\.n_trials=40", ["hparams_search.n_trials=4"],
-     "the same study resumed: 2 more trials, not 20"),
-    (r"^python -m src\.tune '\+hparams_search", ["hparams_search.n_trials=2", "hparams_search.study_name=rho"],
-     "2 trials, in a study of their own: the page's first commands filled mnist-mlp"),
+    (r"^python -m src\.tune( data=fashion_mnist|$)", ["hparams_search.n_trials=1"], "1 trial, not 20"),
+    (r"^python -m src\.tune hparams_search\.n_trials=40", ["hparams_search.n_trials=2"],
+     "the same study resumed: 1 more trial, not 20"),
+    (r"^python -m src\.tune '\+hparams_search", ["hparams_search.n_trials=1", "hparams_search.study_name=rho"],
+     "1 trial, in a study of its own: the page's first commands filled mnist-mlp"),
     (r"^python -m src\.tune data\.val_size=100 ", ["hparams_search.study_name=tiny"],
      "its 4 trials in a study of their own, as the page measured them: mnist-mlp holds the commands' above"),
     (r"^python -m src\.app\b", ["port=FREE"], "a free port on 127.0.0.1, standing for the page's 7860 or 8000"),
@@ -87,6 +90,9 @@ OWN_PROCESS = re.compile(r"trainer=ddp_cpu\b|hydra/launcher=(joblib|submitit_loc
 SERVER = re.compile(r"^(python -m src\.app|python -m mkdocs serve|jupyter notebook|tensorboard|mlflow ui)\b")
 # A server whose serving does not depend on the page's folder runs once per session (it serves the repository).
 SESSION_SERVER = re.compile(r"^python -m mkdocs serve\b")
+# Servers whose serving does not depend on what the page's commands before them write: started when the page
+# starts, so that they come up while its other commands run (each still waited for when its block comes).
+EARLY_SERVER = re.compile(r"^(python -m mkdocs serve|jupyter notebook|tensorboard)\b")
 # Commands run only where they can show what the page shows: (regex, whether it can, why not otherwise).
 ONLY_WHERE = [
     (r"device=cuda\b", lambda: not cuda_available(), "shows what a machine without CUDA says"),
@@ -313,6 +319,7 @@ class Server:
     process: subprocess.Popen
     log: Path
     url: str
+    port: int
 
 
 class PageRun:
@@ -322,6 +329,9 @@ class PageRun:
         self.page, self.cwd, self.session = page, folder, session
         self.namespace: dict = {"__name__": "__main__"}
         self.servers: list[Server] = []
+        self.early: dict[str, Server] = {}  # the servers started, by their command
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self.background: list = []  # (step, command, shown output, future of its Outcome)
         self.ports: dict[int, int] = {}  # the page's port -> the one used
         folder.mkdir(parents=True)
         (folder / "data").mkdir()
@@ -353,14 +363,7 @@ class PageRun:
     def commands(self, text: str) -> list[list[str]]:
         """The page's command line `text` as the commands run here: split at `&&`, the placeholders resolved,
         ADDED's additions made."""
-        words = shlex.split(text, comments=True)
-        parts = [[]]
-        for word in words:
-            if word == "&&":
-                parts.append([])
-            else:
-                parts[-1].append(word)
-        return [self.added(part) for part in parts]
+        return [self.added(part) for part in typed_commands(text)]
 
     def added(self, words: list[str]) -> list[str]:
         typed = shlex.join(words)  # as the page writes it
@@ -389,28 +392,20 @@ class PageRun:
         return None
 
     def one(self, step: Step, words: list[str], shown: str | None) -> str | None:
-        env = {}
-        while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):
-            name, _, value = words.pop(0).partition("=")
-            env[name] = value
-        into = None
-        if words[-2:] == [">", words[-1]] or words[-3:-1] == [">", words[-2]] and words[-1] == "2>&1":
-            if words[-1] == "2>&1":
-                words = words[:-1]
-            into, words = words[-1], words[:-2]
-        text = shlex.join(words)
-        if words[:3] == ["pip", "install", "-e"] and len(words) == 4:
-            return self.pip_install(words[3])
-        if SERVER.match(text):
-            return self.serve(step, words, env)
-        if words[:2] == ["python", "-m"] and words[2].startswith("src.") and not OWN_PROCESS.search(text):
-            outcome = run_in_process(words[2], words[3:], self.cwd, env)
-        elif words[:2] == ["python", "-c"]:
-            outcome = exec_in_process(words[2], self.cwd, env)
-        elif words[:2] == ["python", "-m"]:
-            outcome = self.subprocess([sys.executable, *words[1:]], env)
-        else:
+        env, words, into = environment_and_redirect(words)
+        text, how = shlex.join(words), runner(words)
+        if how is None:
             return f"no way to run `{text}` here: mark it <!-- not-run: lines {step.line}: REASON -->"
+        if how == "pip":
+            return self.pip_install(words[3])
+        if how == "server":
+            return self.serve(step, words, env)
+        if how == "processes" and not into:
+            return self.in_background(step, text, [sys.executable, *words[1:]], env, shown)
+        if how == "exec":
+            outcome = exec_in_process(words[2], self.cwd, env)
+        else:
+            outcome = run_in_process(words[2], words[3:], self.cwd, env)
         if into:
             (self.cwd / into).write_text(outcome.printed)
         return judge(text, outcome, shown)
@@ -423,38 +418,76 @@ class PageRun:
         if not match:
             return f"pip install -e {spec}: not the project or one of its extras"
         missing = not_installed(match[1])
-        return f"`pip install -e {spec}` would install {', '.join(missing)}" if missing else None
+        needs(not missing, f"the page needs what `pip install -e {spec}` installs: {', '.join(missing)}")
+        return None
 
     def subprocess(self, argv: list[str], env: dict) -> Outcome:
-        done = subprocess.run(argv, cwd=self.cwd, env=entry_env(**env, OMP_NUM_THREADS=str(SLOW_THREADS)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+        done = subprocess.run(argv, cwd=self.cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=600)
         return Outcome(done.returncode, done.stdout)
 
-    def serve(self, step: Step, words: list[str], env: dict) -> str | None:
-        """Start a server, wait for its own word that it serves (the URL it prints, then a page from it)."""
+    def in_background(self, step: Step, text: str, argv: list[str], env: dict, shown: str | None) -> None:
+        """A command of processes of its own, run while the page goes on (one such at a time, the next
+        started when it ends), so that they use the second core; judged when the page ends (done())."""
+        env = entry_env(**env, OMP_NUM_THREADS=str(SLOW_THREADS))  # now: the page's own runs change os.environ
+        self.background.append((step, text, shown, self.pool.submit(self.subprocess, argv, env)))
+
+    def done(self) -> list[str]:
+        """Wait for the commands run in the background; what failed, each with its place."""
+        failed = []
+        for step, text, shown, future in self.background:
+            failure = judge(text, future.result(), shown)
+            if failure:
+                failed.append(f"{step.block.where} (line {step.line} of the block): {failure}")
+        self.background.clear()
+        return failed
+
+    def start_early(self, steps: list[Step]) -> None:
+        """Start the page's servers whose serving does not depend on what the commands before them write (the
+        repository's pages, the copied notebook, a log folder read as it fills), so that they start while the
+        page's other commands run; each is waited for when its block comes."""
+        for step in steps:
+            if step.kind != "command":
+                continue
+            for words in typed_commands(step.text):
+                if EARLY_SERVER.match(shlex.join(words)) and not re.fullmatch(r"[A-Z_]+=.*", words[0]):
+                    self.start(step, self.added(words), {})
+
+    def start(self, step: Step, words: list[str], env: dict) -> Server | None:
+        """The server of `words`, started now, or the one started for them before (None: served already in
+        this session, from the same repository)."""
         text = shlex.join(words)
+        if text in self.early:
+            return self.early[text]
         once = SESSION_SERVER.match(text)
         if once:
             if once[0] in self.session:
-                return None  # served already in this session, from the same repository
+                return None
             self.session[once[0]] = step.block.where
-        cwd = ROOT if once else self.cwd
         argv = [sys.executable, *words[1:]] if words[0] == "python" else [str(Path(sys.executable).parent / words[0]),
                                                                           *words[1:]]
         log = self.cwd / f"server-{len(self.servers)}.log"
         extra = {"JUPYTER_RUNTIME_DIR": str(self.cwd / ".jupyter"), "JUPYTER_CONFIG_DIR": str(self.cwd / ".jupyter"),
-                 "MLFLOW_TRACKING_URI": "", "OMP_NUM_THREADS": str(SLOW_THREADS)}
+                 "OMP_NUM_THREADS": str(SLOW_THREADS)}
         with log.open("w") as out:
-            process = subprocess.Popen(argv, cwd=cwd, env=entry_env("MLFLOW_TRACKING_URI", **env, **{
-                k: v for k, v in extra.items() if v}), stdout=out, stderr=subprocess.STDOUT, text=True)
-        server = Server(process, log, "")
+            process = subprocess.Popen(argv, cwd=ROOT if once else self.cwd, env=entry_env(**env, **extra),
+                                       stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        port = next(int(re.split(r"[=:]", w)[-1]) for w in words if re.search(r"port=\d+$|:\d+$", w))
+        server = self.early[text] = Server(process, log, "", port)
         self.servers.append(server)
-        port = next(int(w.rsplit("=", 1)[-1].rsplit(":", 1)[-1]) for w in words if re.search(r"port=\d+$|:\d+$", w))
-        server.url = wait_until_served(server, port)
+        return server
+
+    def serve(self, step: Step, words: list[str], env: dict) -> str | None:
+        """Start a server (or take the one started early), wait for its own word that it serves: the URL it
+        prints, then a page from that URL."""
+        server = self.start(step, words, env)
+        if server is None:  # served already in this session, from the same repository
+            return f"SAME: {self.session[SESSION_SERVER.match(shlex.join(words))[0]]}"
+        server.url = wait_until_served(server)
         if "host=0.0.0.0" in words:  # every interface: it answers on another address of this machine too
             other = server.url.replace("127.0.0.1", "127.0.0.2")
             if not answers(other):
-                return f"`{text}` was told host=0.0.0.0 but does not answer on {other}"
+                return f"`{shlex.join(words)}` was told host=0.0.0.0 but does not answer on {other}"
         return None
 
     def python(self, step: Step) -> str | None:
@@ -468,14 +501,57 @@ class PageRun:
         return None
 
     def close(self) -> None:
+        """Stop the servers by their pids, as Ctrl-C does (a server that outlives it, and what it started, is
+        killed as its process group), and let the background commands end."""
         for server in self.servers:
             if server.process.poll() is None:
-                server.process.send_signal(signal.SIGINT)  # Ctrl-C, as a user stops it
+                server.process.send_signal(signal.SIGINT)
                 try:
                     server.process.wait(30)
                 except subprocess.TimeoutExpired:
-                    server.process.kill()
+                    os.killpg(server.process.pid, signal.SIGKILL)
                     server.process.wait(30)
+        self.pool.shutdown(wait=True)
+
+
+def environment_and_redirect(words: list[str]) -> tuple[dict, list[str], str | None]:
+    """`NAME=value ... COMMAND ... > FILE 2>&1` as (the environment it sets, the command, FILE or None)."""
+    env, words = {}, list(words)
+    while words and re.fullmatch(r"[A-Z_]+=.*", words[0]):
+        name, _, value = words.pop(0).partition("=")
+        env[name] = value
+    into = None
+    if words[-1:] == ["2>&1"]:
+        words = words[:-1]
+    if len(words) > 2 and words[-2] == ">":
+        into, words = words[-1], words[:-2]
+    return env, words, into
+
+
+def runner(words: list[str]) -> str | None:
+    """How a command of the pages runs here: "pip" (checked, not run), "server", "processes" (of its own),
+    "in-process" (python -m src.X), "exec" (python -c), or None: it cannot, and must be marked."""
+    text = shlex.join(words)
+    if words[:3] == ["pip", "install", "-e"] and len(words) == 4:
+        return "pip"
+    if SERVER.match(text):
+        return "server"
+    if words[:2] == ["python", "-m"] and len(words) > 2 and words[2].startswith("src."):
+        return "processes" if OWN_PROCESS.search(text) else "in-process"
+    if words[:2] == ["python", "-c"] and len(words) == 3:
+        return "exec"
+    return None
+
+
+def typed_commands(text: str) -> list[list[str]]:
+    """A command line's commands, as the page writes them: split at `&&`, without the comment."""
+    parts: list[list[str]] = [[]]
+    for word in shlex.split(text, comments=True):
+        if word == "&&":
+            parts.append([])
+        else:
+            parts[-1].append(word)
+    return parts
 
 
 def _documented_port(text: str) -> int:
@@ -611,8 +687,9 @@ def answers(url: str) -> bool:
         return False
 
 
-def wait_until_served(server: Server, port: int, timeout: float = 300) -> str:
-    """The URL the server prints once it serves on `port`, after it has answered a request for it."""
+def wait_until_served(server: Server, timeout: float = 300) -> str:
+    """The URL the server prints once it serves on its port, after it has answered a request for it."""
+    port = server.port
     deadline = time.time() + timeout
     url = None
     while time.time() < deadline:
@@ -668,6 +745,11 @@ def test_every_block_is_run_or_marked():
         for step in page_steps(page):
             if step.kind == "marked":
                 assert step.reason and len(step.reason) > 10, f"{step.block.where}: a mark needs its reason"
+            if step.kind == "command":
+                for words in typed_commands(step.text):
+                    assert runner(environment_and_redirect(words)[1]), \
+                        f"{step.block.where}, line {step.line} of the block: no way to run `{shlex.join(words)}` " \
+                        f"here: mark it <!-- not-run: lines {step.line}: REASON -->"
 
 
 @pytest.mark.slow
@@ -676,6 +758,7 @@ def test_page_examples(page, docs_workspace, session_servers, tmp_path):
     steps = page_steps(page)
     verdicts = VERDICTS.setdefault(page, {})
     run = PageRun(page, tmp_path / Path(page).stem, docs_workspace, session_servers)
+    run.start_early(steps)
     try:
         for text in PRELUDES.get(page, []):
             prelude = Step(Block(page, 0, "bash", text), "command", text)
@@ -694,9 +777,14 @@ def test_page_examples(page, docs_workspace, session_servers, tmp_path):
             if failure and failure.startswith("SKIPPED: "):
                 record.append(("marked", failure.removeprefix("SKIPPED: ")))
                 continue
+            if failure and failure.startswith("SAME: "):
+                record.append(("ran", f"the server {failure.removeprefix('SAME: ')} started, once per session"))
+                continue
             assert failure is None, f"{step.block.where} (line {step.line} of the block): {failure}"
             record.append(("ran", step.text))
             TIMES.append((time.perf_counter() - began, f"{step.block.where}+{step.line - 1}", step.text[:90]))
+        failed = run.done()
+        assert not failed, "\n".join(failed)
     finally:
         run.close()
 
