@@ -21,6 +21,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import io
+import logging
 import os
 import re
 import runpy
@@ -40,7 +41,10 @@ import pytest
 
 from tests.conftest import ROOT, entry_env, free_port, needs, write_dataset
 
-PAGES = ["README.md", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))]
+# README.md last: the front page shows commands of the pages, and a command of it that a page ran already in this
+# session (with no output of its own to compare) is not run again (FRONT_PAGE).
+PAGES = [*sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md")), "README.md"]
+FRONT_PAGE = "README.md"
 
 # ---------------------------------------------------------------------------------------------------------------
 # What the tests change in the pages' commands, and why: the one place where they differ from what a user types.
@@ -360,11 +364,6 @@ class PageRun:
             return f"http://127.0.0.1:{self.ports[int(what)]}"
         return standing
 
-    def commands(self, text: str) -> list[list[str]]:
-        """The page's command line `text` as the commands run here: split at `&&`, the placeholders resolved,
-        ADDED's additions made."""
-        return [self.added(part) for part in typed_commands(text)]
-
     def added(self, words: list[str]) -> list[str]:
         typed = shlex.join(words)  # as the page writes it
         words = [self.resolve(word) for word in words]
@@ -384,12 +383,18 @@ class PageRun:
         for pattern, can, why in ONLY_WHERE:
             if re.search(pattern, step.text) and not can():
                 return f"SKIPPED: {why}"
-        parts = self.commands(step.text)
-        for number, part in enumerate(parts):
-            failure = self.one(step, part, step.shown if number == len(parts) - 1 else None)
+        parts, ran, same = typed_commands(step.text), self.session.setdefault("ran", {}), []
+        for number, typed in enumerate(parts):
+            shown = step.shown if number == len(parts) - 1 else None
+            command = shlex.join(typed)
+            if self.page == FRONT_PAGE and shown is None and command in ran:
+                same.append(ran[command])
+                continue
+            failure = self.one(step, self.added(typed), shown)
             if failure:
                 return failure
-        return None
+            ran.setdefault(command, step.block.where)
+        return f"SAME: {', '.join(same)}" if len(same) == len(parts) else None
 
     def one(self, step: Step, words: list[str], shown: str | None) -> str | None:
         env, words, into = environment_and_redirect(words)
@@ -459,11 +464,11 @@ class PageRun:
         text = shlex.join(words)
         if text in self.early:
             return self.early[text]
-        once = SESSION_SERVER.match(text)
+        once, served = SESSION_SERVER.match(text), self.session.setdefault("served", {})
         if once:
-            if once[0] in self.session:
+            if once[0] in served:
                 return None
-            self.session[once[0]] = step.block.where
+            served[once[0]] = step.block.where
         argv = [sys.executable, *words[1:]] if words[0] == "python" else [str(Path(sys.executable).parent / words[0]),
                                                                           *words[1:]]
         log = self.cwd / f"server-{len(self.servers)}.log"
@@ -482,7 +487,7 @@ class PageRun:
         prints, then a page from that URL."""
         server = self.start(step, words, env)
         if server is None:  # served already in this session, from the same repository
-            return f"SAME: {self.session[SESSION_SERVER.match(shlex.join(words))[0]]}"
+            return f"SAME: {self.session['served'][SESSION_SERVER.match(shlex.join(words))[0]]}"
         server.url = wait_until_served(server)
         if "host=0.0.0.0" in words:  # every interface: it answers on another address of this machine too
             other = server.url.replace("127.0.0.1", "127.0.0.2")
@@ -611,7 +616,7 @@ def as_a_new_process(env: dict, printed: io.StringIO):
     import torch
     from hydra.core.global_hydra import GlobalHydra
 
-    saved_env = dict(os.environ)
+    saved_env, saved_handlers, saved_level = dict(os.environ), logging.root.handlers[:], logging.root.level
     os.environ.pop("HYDRA_FULL_ERROR", None)
     os.environ.update(env)
     threads = torch.get_num_threads()
@@ -629,6 +634,11 @@ def as_a_new_process(env: dict, printed: io.StringIO):
             warnings.showwarning = show
             yield
     finally:
+        for handler in logging.root.handlers:  # Hydra's, for the console and train.log
+            if handler not in saved_handlers:
+                handler.close()
+        logging.root.handlers[:] = saved_handlers
+        logging.root.setLevel(saved_level)
         GlobalHydra.instance().clear()
         torch.set_num_threads(threads)
         os.environ.clear()
@@ -778,7 +788,7 @@ def test_page_examples(page, docs_workspace, session_servers, tmp_path):
                 record.append(("marked", failure.removeprefix("SKIPPED: ")))
                 continue
             if failure and failure.startswith("SAME: "):
-                record.append(("ran", f"the server {failure.removeprefix('SAME: ')} started, once per session"))
+                record.append(("ran", f"the same command ran at {failure.removeprefix('SAME: ')} in this session"))
                 continue
             assert failure is None, f"{step.block.where} (line {step.line} of the block): {failure}"
             record.append(("ran", step.text))
