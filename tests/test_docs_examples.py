@@ -72,7 +72,6 @@ ADDED = [
     (r"^jupyter notebook\b", ["--no-browser", "--port=FREE", "--ServerApp.ip=127.0.0.1", "--allow-root"],
      "no browser to open; a free port on 127.0.0.1; the test machines may run as root, which Jupyter refuses unasked"),
     (r"^tensorboard\b", ["--host=127.0.0.1", "--port=FREE"], "a free port on 127.0.0.1, standing for 6006"),
-    (r"^mlflow ui\b", ["--host=127.0.0.1", "--port=FREE"], "a free port on 127.0.0.1, standing for 5000"),
 ]
 # Paths and addresses the pages write for "yours": (regex, what stands for it, why).
 PLACEHOLDERS = [
@@ -91,7 +90,7 @@ PRELUDES = {
 # Commands that need processes of their own (Lightning's DDP starts its other process by running the command line
 # again; a launcher's jobs run in other processes); servers are told by SERVER.
 OWN_PROCESS = re.compile(r"trainer=ddp_cpu\b|hydra/launcher=(joblib|submitit_local)\b")
-SERVER = re.compile(r"^(python -m src\.app|python -m mkdocs serve|jupyter notebook|tensorboard|mlflow ui)\b")
+SERVER = re.compile(r"^(python -m src\.app|python -m mkdocs serve|jupyter notebook|tensorboard)\b")
 # A server whose serving does not depend on the page's folder runs once per session (it serves the repository).
 SESSION_SERVER = re.compile(r"^python -m mkdocs serve\b")
 # Servers whose serving does not depend on what the page's commands before them write: started when the page
@@ -102,7 +101,8 @@ ONLY_WHERE = [
     (r"device=cuda\b", lambda: not cuda_available(), "shows what a machine without CUDA says"),
 ]
 
-SLOW_THREADS = 1  # torch threads for the in-process runs: the build machine's 2 cores are shared (4x faster so)
+THREADS = 1  # torch's, for the in-process runs and the processes: the 2 shared cores of the build machine
+# ran the pages' tiny trainings 2 to 6 times faster so than with torch's default of one thread per core
 
 
 def cuda_available() -> bool:
@@ -256,17 +256,7 @@ def block_steps(block: Block, previous: list[Step]) -> list[Step]:
                          Step(block, "command", text, number))
         return steps
     if block.language == "console":
-        steps = []
-        for number, text in _command_lines("\n".join(l[2:] if l.startswith("$ ") else "\0" + l
-                                                     for l in block.source.splitlines())):
-            if text.startswith("\0"):
-                assert steps, f"{block.where}: a console block starts with output, not a `$ ` command"
-                steps[-1].shown = (steps[-1].shown or "") + text.replace("\0", "") + "\n"
-            else:
-                reason = block.marked(number)
-                steps.append(Step(block, "marked", text, number, reason=reason) if reason else
-                             Step(block, "command", text, number))
-        return steps
+        return _console_steps(block)
     if block.language == "python":
         return [Step(block, "python", block.source)]
     if block.language == "text" and previous and _right_after(block, previous[-1]):
@@ -278,6 +268,25 @@ def block_steps(block: Block, previous: list[Step]) -> list[Step]:
     raise AssertionError(f"{block.where}: a ```{block.language} block that is neither run nor marked: run it "
                          "(bash, console, python, or text right after the command it shows) or mark it "
                          "<!-- not-run: REASON -->")
+
+
+def _console_steps(block: Block) -> list[Step]:
+    """A ```console block: `$ ` lines are commands (continued onto the next line after a \\), the lines under
+    one are what it printed."""
+    steps, lines, number = [], block.source.splitlines(), 0
+    while number < len(lines):
+        line, number = lines[number], number + 1
+        if line.startswith("$ "):
+            start, text = number, line[2:]
+            while text.rstrip().endswith("\\") and number < len(lines):
+                text, number = text.rstrip()[:-1] + " " + lines[number].strip(), number + 1
+            reason = block.marked(start)
+            steps.append(Step(block, "marked", text.strip(), start, reason=reason) if reason else
+                         Step(block, "command", text.strip(), start))
+        else:
+            assert steps, f"{block.where}: a console block starts with output, not a `$ ` command"
+            steps[-1].shown = (steps[-1].shown or "") + line + "\n"
+    return steps
 
 
 def _right_after(block: Block, step: Step) -> bool:
@@ -293,7 +302,7 @@ def _command_lines(source: str):
     for number, line in enumerate(source.splitlines(), 1):
         if not pending:
             start = number
-        if line.rstrip().endswith("\\") and not line.startswith("\0"):
+        if line.rstrip().endswith("\\"):
             pending += line.rstrip()[:-1] + " "
             continue
         text = (pending + line).strip()
@@ -407,7 +416,9 @@ class PageRun:
             return self.serve(step, words, env)
         if how == "processes" and not into:
             return self.in_background(step, text, [sys.executable, *words[1:]], env, shown)
-        if how == "exec":
+        if how == "processes":
+            outcome = self.subprocess([sys.executable, *words[1:]], entry_env(**env, OMP_NUM_THREADS=str(THREADS)))
+        elif how == "exec":
             outcome = exec_in_process(words[2], self.cwd, env)
         else:
             outcome = run_in_process(words[2], words[3:], self.cwd, env)
@@ -434,7 +445,7 @@ class PageRun:
     def in_background(self, step: Step, text: str, argv: list[str], env: dict, shown: str | None) -> None:
         """A command of processes of its own, run while the page goes on (one such at a time, the next
         started when it ends), so that they use the second core; judged when the page ends (done())."""
-        env = entry_env(**env, OMP_NUM_THREADS=str(SLOW_THREADS))  # now: the page's own runs change os.environ
+        env = entry_env(**env, OMP_NUM_THREADS=str(THREADS))  # now: the page's own runs change os.environ
         self.background.append((step, text, shown, self.pool.submit(self.subprocess, argv, env)))
 
     def done(self) -> list[str]:
@@ -473,7 +484,7 @@ class PageRun:
                                                                           *words[1:]]
         log = self.cwd / f"server-{len(self.servers)}.log"
         extra = {"JUPYTER_RUNTIME_DIR": str(self.cwd / ".jupyter"), "JUPYTER_CONFIG_DIR": str(self.cwd / ".jupyter"),
-                 "OMP_NUM_THREADS": str(SLOW_THREADS)}
+                 "OMP_NUM_THREADS": str(THREADS)}
         with log.open("w") as out:
             process = subprocess.Popen(argv, cwd=ROOT if once else self.cwd, env=entry_env(**env, **extra),
                                        stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -565,7 +576,7 @@ def _documented_port(text: str) -> int:
     if given:
         return int(given[1])
     defaults = {"python -m src.app": 7860, "python -m mkdocs serve": 8000, "jupyter notebook": 8888,
-                "tensorboard": 6006, "mlflow ui": 5000}
+                "tensorboard": 6006}
     return next(port for start, port in defaults.items() if text.startswith(start))
 
 
@@ -620,7 +631,7 @@ def as_a_new_process(env: dict, printed: io.StringIO):
     os.environ.pop("HYDRA_FULL_ERROR", None)
     os.environ.update(env)
     threads = torch.get_num_threads()
-    torch.set_num_threads(SLOW_THREADS)
+    torch.set_num_threads(THREADS)
     GlobalHydra.instance().clear()
 
     def show(message, category, filename, lineno, file=None, line=None):
