@@ -4,11 +4,13 @@ test machines, with the reason.
 Sybil's Markdown lexers find the blocks and the marks; the tests drive them, one page at a time, in a folder of
 the page's own under pytest's temporary folder (its `data/` the tiny IDX files of tests/conftest.py's
 write_dataset). `python -m src.X` runs in this process (runpy), as many commands share one process; what needs
-processes of its own (DDP, the joblib and submitit launchers, servers) runs as subprocesses, the servers stopped
-by pid when the page is done. A block that shows output (a ```text block right after a command, or a ```console
+processes of its own (DDP, the joblib and submitit launchers, servers) runs as subprocesses: those of DDP and the
+launchers while the page goes on, judged when it ends; the servers waited for until they answer, and stopped by
+pid when the page is done. A block that shows output (a ```text block right after a command, or a ```console
 block of `$ command` lines and what each printed) is compared by its shape: the same lines in the same order,
 numbers, dates, paths and class names matched by pattern (the page's figures come from the full datasets).
 An example that shows an error must end with that error and a non-zero exit status, every other one with 0.
+What the tests change in the pages' commands is in the tables below (ADDED, PLACEHOLDERS, PRELUDES), nowhere else.
 
 A mark is an HTML comment right before the block, invisible on the site and on GitHub:
 
@@ -39,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, entry_env, free_port, needs, write_dataset
+from tests.conftest import ROOT, entry_env, free_port, needs, needs_extra, write_dataset
 
 # README.md last: the front page shows commands of the pages, and a command of it that a page ran already in this
 # session (with no output of its own to compare) is not run again (FRONT_PAGE).
@@ -139,6 +141,7 @@ MARK = re.compile(r"(?:lines? (?P<lines>[\d ,-]+): )?(?P<reason>.+)", re.S)
 
 
 def page_blocks(page: str) -> list[Block]:
+    needs_extra("dev", "sybil")
     from sybil import Document
     from sybil.parsers.markdown.lexers import DirectiveInHTMLCommentLexer, RawFencedCodeBlockLexer
 
