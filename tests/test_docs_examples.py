@@ -338,6 +338,21 @@ class Server:
     port: int
 
 
+def furnish(folder: Path, shared: Path) -> Path:
+    """A page's folder: data/ (MNIST/ and FashionMNIST/ of the shared data), data-val/, idx-files/, the picture
+    the pages classify (my_digit.png) and the notebook they open."""
+    folder.mkdir(parents=True)
+    (folder / "data").mkdir()
+    for dataset in ("MNIST", "FashionMNIST"):
+        (folder / "data" / dataset).symlink_to(shared / "data" / dataset)
+    for name in ("data-val", "idx-files"):
+        (folder / name).symlink_to(shared / name)
+    (folder / "my_digit.png").write_bytes((ROOT / "docs" / "my_digit.png").read_bytes())
+    (folder / "notebooks").mkdir()
+    (folder / "notebooks" / "walkthrough.ipynb").write_bytes((ROOT / "notebooks" / "walkthrough.ipynb").read_bytes())
+    return folder
+
+
 class PageRun:
     """A page's folder, its servers, the Python namespace of its python blocks."""
 
@@ -349,15 +364,8 @@ class PageRun:
         self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self.background: list = []  # (step, command, shown output, future of its Outcome)
         self.ports: dict[int, int] = {}  # the page's port -> the one used
-        folder.mkdir(parents=True)
-        (folder / "data").mkdir()
-        for dataset in ("MNIST", "FashionMNIST"):
-            (folder / "data" / dataset).symlink_to(shared / "data" / dataset)
-        for name in ("data-val", "idx-files"):
-            (folder / name).symlink_to(shared / name)
-        (folder / "my_digit.png").write_bytes((ROOT / "docs" / "my_digit.png").read_bytes())
-        (folder / "notebooks").mkdir()
-        (folder / "notebooks" / "walkthrough.ipynb").write_bytes((ROOT / "notebooks" / "walkthrough.ipynb").read_bytes())
+        self.shared, self.started = shared, set()  # the steps started with the page (start_early)
+        furnish(folder, shared)
 
     # --- the command line as run here
     def resolve(self, text: str) -> str:
@@ -395,6 +403,8 @@ class PageRun:
         for pattern, can, why in ONLY_WHERE:
             if re.search(pattern, step.text) and not can():
                 return f"SKIPPED: {why}"
+        if (step.block.line, step.line) in self.started:
+            return None  # running since the page started; judged when it ends
         parts, ran, same = typed_commands(step.text), self.session.setdefault("ran", {}), []
         for number, typed in enumerate(parts):
             shown = step.shown if number == len(parts) - 1 else None
@@ -440,16 +450,17 @@ class PageRun:
         needs(not missing, f"the page needs what `pip install -e {spec}` installs: {', '.join(missing)}")
         return None
 
-    def subprocess(self, argv: list[str], env: dict) -> Outcome:
-        done = subprocess.run(argv, cwd=self.cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    def subprocess(self, argv: list[str], env: dict, cwd: Path | None = None) -> Outcome:
+        done = subprocess.run(argv, cwd=cwd or self.cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, timeout=600)
         return Outcome(done.returncode, done.stdout)
 
-    def in_background(self, step: Step, text: str, argv: list[str], env: dict, shown: str | None) -> None:
+    def in_background(self, step: Step, text: str, argv: list[str], env: dict, shown: str | None,
+                      cwd: Path | None = None) -> None:
         """A command of processes of its own, run while the page goes on (one such at a time, the next
         started when it ends), so that they use the second core; judged when the page ends (done())."""
         env = entry_env(**env, OMP_NUM_THREADS=str(THREADS))  # now: the page's own runs change os.environ
-        self.background.append((step, text, shown, self.pool.submit(self.subprocess, argv, env)))
+        self.background.append((step, text, shown, self.pool.submit(self.subprocess, argv, env, cwd)))
 
     def done(self) -> list[str]:
         """Wait for the commands run in the background; what failed, each with its place."""
@@ -462,11 +473,20 @@ class PageRun:
         return failed
 
     def start_early(self, steps: list[Step]) -> None:
-        """Start the page's servers whose serving does not depend on what the commands before them write (the
-        repository's pages, the copied notebook, a log folder read as it fills), so that they start while the
-        page's other commands run; each is waited for when its block comes."""
+        """Start, with the page, what does not depend on what its commands before write, so that it runs while
+        they do: the commands of processes of their own that show no output (in folders of their own, judged
+        when the page ends), and the servers of EARLY_SERVER (each waited for when its block comes)."""
         for step in steps:
             if step.kind != "command":
+                continue
+            [*_, last] = parts = typed_commands(step.text)
+            if len(parts) == 1 and step.shown is None and runner(last) == "processes":
+                # Writes its own run folder and reads nothing of the page's: started now, in a folder of its own
+                # (beside the page's, so that its run folder cannot be taken for one of the page's commands').
+                words = self.added(last)
+                apart = furnish(self.cwd.with_name(f"{self.cwd.name}-{step.block.line}-{step.line}"), self.shared)
+                self.in_background(step, shlex.join(words), [sys.executable, *words[1:]], {}, None, apart)
+                self.started.add((step.block.line, step.line))
                 continue
             for words in typed_commands(step.text):
                 if EARLY_SERVER.match(shlex.join(words)) and not re.fullmatch(r"[A-Z_]+=.*", words[0]):
