@@ -57,6 +57,16 @@ def check_architecture(checkpoint: dict, path: str | Path, model: torch.nn.Modul
                         "set model.hidden to match it, or start without ckpt_path")
 
 
+def check_optimizer(checkpoint: dict, path: str | Path, name: str) -> None:
+    """Resuming restores the optimizer's state, which only the same optimizer can take (Adam's moments are not
+    RMSprop's averages): another one gets one line naming both, not a KeyError from inside its step."""
+    theirs = checkpoint["hyper_parameters"].get("optimizer")
+    if theirs is not None and theirs != name:
+        raise UserError(f"ckpt_path={str(path)!r} was trained with optimizer={theirs}, and resuming goes on with its "
+                        f"state, which optimizer={name} cannot take: resume with optimizer={theirs} (or the experiment= "
+                        "it was trained with), or start without ckpt_path")
+
+
 def architecture(checkpoint: dict) -> tuple[int, int, int]:
     """(input_size, hidden, num_classes) of the checkpoint's network; KeyError if it does not say."""
     hparams = checkpoint["hyper_parameters"]

@@ -18,7 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from src import run_files, slurm_job
-from src.checkpoint import check_architecture, load_checkpoint
+from src.checkpoint import check_architecture, check_optimizer, load_checkpoint
 from src.cli import entry_point
 from src.config import TrainConfig, sweep_metric, tested_checkpoint, validated
 from src.errors import UserError
@@ -39,6 +39,8 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = (), context: 
     restarted = slurm_job.going_on(config, run_dir, context)  # a SLURM job started again: from its last.ckpt
     going_on, config = restarted is not config, restarted
     resume_from = load_checkpoint(config.ckpt_path) if config.ckpt_path is not None else None
+    if resume_from is not None:
+        check_optimizer(resume_from, config.ckpt_path, config.optimizer.name)
 
     # Imported after the checks above, so that bad input fails in a fraction of a second.
     import lightning as L

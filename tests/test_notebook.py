@@ -109,3 +109,55 @@ def test_committed_copy_holds_no_paths_or_dates_of_the_machine_it_ran_on(committ
                     r"\b20\d\d-\d\d-\d\d\b", r"\.partial-"):
         assert not re.search(pattern, raw), f"{pattern} in the committed notebook"
     assert not any("execution" in cell.metadata for cell in code_cells(committed)), "timing stamps"
+
+
+def data_cell(nb) -> str:
+    [cell] = [cell for cell in code_cells(nb) if 'prepare_files("mnist", "data")' in cell.source]
+    return cell.source
+
+
+@pytest.mark.parametrize("online", [True, False])
+def test_the_data_cell_downloads_mnist_first_and_falls_back_to_real_digits_offline(committed, tmp_path, monkeypatch,
+                                                                                   online):
+    """docs/notebook.md: the notebook reads MNIST, downloaded into data/; where it cannot be downloaded, real
+    digits on the machine. Run the cell itself, with torchvision's download answering with the tiny IDX files
+    (online) or refusing (as the machines of the tests do)."""
+    import os
+
+    import numpy as np
+    import torchvision.datasets.mnist as tv_mnist
+
+    from src import offline_digits
+    from tests.conftest import make_digits
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("NOTEBOOK_DATA", raising=False)
+    asked, fell_back = [], []
+
+    def download(url, download_root, filename, md5):
+        asked.append(filename)
+        if not online:
+            raise RuntimeError("network disabled in tests")
+        images, labels = make_digits(20, seed=1)
+        offline_digits.write_idx(os.path.join(download_root, filename.removesuffix(".gz")),
+                                 images if "images" in filename else labels)
+
+    def real_digits(folder, t10k=None):
+        fell_back.append(folder)
+        os.makedirs(folder, exist_ok=True)
+        for prefix in ("train", "t10k"):
+            images, labels = make_digits(20, seed=2)
+            offline_digits.write_idx(f"{folder}/{prefix}-images-idx3-ubyte", images)
+            offline_digits.write_idx(f"{folder}/{prefix}-labels-idx1-ubyte", labels.astype(np.uint8))
+        return "real digits"
+
+    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", download)
+    monkeypatch.setattr(offline_digits, "write_real_digits", real_digits)
+    namespace = {"os": os}
+    exec(compile(data_cell(committed), "walkthrough.ipynb", "exec"), namespace)
+    assert asked and asked[0] == "train-images-idx3-ubyte.gz", "the cell did not try MNIST's download first"
+    if online:
+        assert (namespace["DATA_DIR"], fell_back) == ("data", [])
+        assert namespace["DATA_ABOUT"] == "MNIST (torchvision's files in data/)"
+    else:
+        assert (namespace["DATA_DIR"], fell_back) == ("data/offline-digits", ["data/offline-digits"])

@@ -308,6 +308,15 @@ def test_checkpoint_of_another_architecture_gets_a_clear_error(tiny_data, tmp_pa
               tmp_path / "run")
 
 
+def test_resuming_with_another_optimizer_gets_a_clear_error(tiny_data, tmp_path):
+    train(tiny_run(tiny_data, "trainer.max_epochs=1", "experiment=dlwp3"), tmp_path / "adam")
+    resumed = f"ckpt_path={tmp_path / 'adam/checkpoints/last.ckpt'}"
+    with pytest.raises(UserError, match=r"was trained with optimizer=adam, .* which optimizer=rmsprop cannot take: "
+                                        r"resume with optimizer=adam"):
+        train(tiny_run(tiny_data, "trainer.max_epochs=2", resumed), tmp_path / "run")
+    train(tiny_run(tiny_data, "trainer.max_epochs=2", "experiment=dlwp3", resumed), tmp_path / "run")  # the same: goes on
+
+
 def test_a_file_that_is_not_a_checkpoint_gets_a_clear_error(tiny_data, tmp_path):
     junk = tmp_path / "junk.ckpt"
     junk.write_text("not a checkpoint")
