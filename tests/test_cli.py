@@ -75,6 +75,14 @@ def test_a_python_m_process_collects_garbage_less_often_and_not_at_exit_and_keep
         assert result.stderr.splitlines()[-2].startswith("error: idx=")
 
 
+def test_the_resume_command_of_a_resumed_run_names_only_the_new_checkpoint():
+    from src.run_context import RunContext
+
+    resumed = RunContext(overrides=("model.hidden=16", "ckpt_path=run/checkpoints/last.ckpt", "seed=3"))
+    assert resumed.resume_command(Path("again/checkpoints/last.ckpt")) == (
+        "python -m src.train model.hidden=16 seed=3 ckpt_path=again/checkpoints/last.ckpt")
+
+
 def interrupt_when(process: subprocess.Popen, ready: Path) -> tuple[str, str]:
     """Ctrl-C to `process` once it has written `ready`; its output."""
     wait_for(ready, process)
