@@ -207,6 +207,7 @@ def test_early_stopping_ends_a_run_whose_val_acc_stopped_rising_and_tests_its_be
     ("optimizer.lr=-1", "optimizer.lr=-1.0"),
     ("optimizer.eps=0", "optimizer.eps=0.0 is not valid: expected a number > 0"),
     ("model.hidden=0", "model.hidden=0 is not valid: expected a positive integer"),
+    ("progress=bogus", "progress='bogus' is not valid: expected one of auto, bar, lines"),
     ("data.val_size=-5", "data.val_size=-5"),
     ("trainer.devices=0", "trainer.devices=0"),
     ("test_ckpt=best", "test_ckpt='best' is not valid: the best epoch is chosen on val/acc, which needs a validation split"),
