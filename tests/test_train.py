@@ -124,10 +124,10 @@ def test_validation_split_is_logged_and_the_best_epoch_is_kept(tiny_data, tmp_pa
     # Two epochs of learning, then one of gradient ascent (a negative learning rate): val/acc rises,
     # then falls (0.51, 0.71, 0.09 here), so the best epoch is neither the first nor the last.
     # Early stopping with a patience longer than the run watches, and never stops it.
-    cfg = compose_train(f"data.data_dir={tiny_data}", "trainer.max_epochs=3", "trainer.accelerator=cpu",
-                        "data.val_size=100", "model.hidden=32", "optimizer.lr=3e-4", "data.batch_size=64",
-                        "early_stopping.enabled=true", "early_stopping.patience=3")
-    metric = train(cfg, tmp_path / "run", callbacks=(SetLearningRate(2, -3e-3),))
+    cfg_args = (f"data.data_dir={tiny_data}", "trainer.max_epochs=3", "trainer.accelerator=cpu", "data.val_size=100",
+                "model.hidden=32", "optimizer.lr=3e-4", "data.batch_size=64", "early_stopping.enabled=true",
+                "early_stopping.patience=3")
+    metric = train(compose_train(*cfg_args), tmp_path / "run", callbacks=(SetLearningRate(2, -3e-3),))
     out = capsys.readouterr().out
     assert "early stopping" not in out  # it ran all its epochs
     val_acc = logged(tmp_path / "run" / "metrics.csv", "val/acc")
@@ -157,6 +157,11 @@ def test_validation_split_is_logged_and_the_best_epoch_is_kept(tiny_data, tmp_pa
     states = torch.load(checkpoints / "last.ckpt", weights_only=True)["callbacks"]
     [record] = [state for key, state in states.items() if "'monitor': 'val/acc'" in key and "best_model_path" in state]
     assert record["best_model_path"] == str(next(checkpoints.glob("best-*.ckpt")))
+
+    # Resumed in its folder after its last epoch (a job run again): it tests the same best epoch and returns that
+    # epoch's val/acc, which the checkpoint's record of every epoch keeps.
+    again = train(compose_train(*cfg_args, f"ckpt_path={checkpoints / 'last.ckpt'}"), tmp_path / "run")
+    assert again == metric and f"test_acc: {test_acc:.4f} (best epoch 2 of 3)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name, optimizer, keras_defaults", [
