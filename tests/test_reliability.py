@@ -7,6 +7,7 @@ import fractions
 import hashlib
 import multiprocessing
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import lightning as L
 import pytest
 import torch
 
+from src.callbacks import AtomicCheckpointIO
 from src.checkpoint import load_checkpoint
 from src.errors import UserError, one_line
 from src.idx import IDX_FILES, DataError, load_split, prepare_files, raw_folder
@@ -285,6 +287,10 @@ def test_checkpoint_whose_pickle_runs_code_is_refused_and_never_runs(tiny_data, 
         train(tiny_run(tiny_data, f"ckpt_path={evil}"), tmp_path / "run")
     assert not marker.exists(), "the checkpoint's payload ran"
     assert "(it would call or build posix.system)" in str(refused.value)
+    # Lightning's own loader of the run's checkpoints refuses it too, even when asked for a full unpickling
+    with pytest.raises(pickle.UnpicklingError):
+        AtomicCheckpointIO().load_checkpoint(evil, weights_only=False)
+    assert not marker.exists(), "the checkpoint's payload ran"
 
 
 def test_refusing_a_checkpoint_names_what_it_would_build_without_pytorchs_escape_codes(tmp_path):
