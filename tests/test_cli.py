@@ -34,6 +34,28 @@ def test_an_unknown_key_gets_the_valid_keys_of_its_schema(tmp_path, module, key,
                                           f"valid keys are {valid}"]
 
 
+def test_the_console_says_warning_before_a_warning_and_nothing_before_a_message():
+    import logging
+
+    from src.cli import ConsoleFormatter
+
+    def line(level: int, message: str) -> str:
+        return ConsoleFormatter().format(logging.LogRecord("src.tune", level, __file__, 1, message, None, None))
+
+    assert line(logging.INFO, "trial 0: model.hidden=64") == "trial 0: model.hidden=64"
+    assert line(logging.WARNING, "trial 2 failed: training diverged") == "warning: trial 2 failed: training diverged"
+    assert line(logging.ERROR, "no such file") == "error: no such file"
+
+
+def test_a_launcher_forced_in_with_plus_plus_is_checked_for_its_extra_too(monkeypatch):
+    from src.cli import check_launcher
+    from src.errors import UserError
+
+    monkeypatch.setitem(sys.modules, "hydra_plugins.hydra_joblib_launcher", None)  # as if not installed
+    with pytest.raises(UserError, match=r"^hydra/launcher=joblib needs the 'sweep' extra"):
+        check_launcher(["model.hidden=8,16", "++hydra/launcher=joblib"])
+
+
 # Put on the path of a `python -m src.X` process, Python's site imports this first: its handler at exit, the
 # first registered, runs last and tells what the garbage collector was left to do.
 AT_EXIT = """import atexit, gc, sys
@@ -73,6 +95,14 @@ def test_a_python_m_process_collects_garbage_less_often_and_not_at_exit_and_keep
                                                                             "confusion_matrix.png"))
     else:
         assert result.stderr.splitlines()[-2].startswith("error: idx=")
+
+
+def test_the_resume_command_of_a_resumed_run_names_only_the_new_checkpoint():
+    from src.run_context import RunContext
+
+    resumed = RunContext(overrides=("model.hidden=16", "ckpt_path=run/checkpoints/last.ckpt", "seed=3"))
+    assert resumed.resume_command(Path("again/checkpoints/last.ckpt")) == (
+        "python -m src.train model.hidden=16 seed=3 ckpt_path=again/checkpoints/last.ckpt")
 
 
 def interrupt_when(process: subprocess.Popen, ready: Path) -> tuple[str, str]:

@@ -7,6 +7,7 @@ import fractions
 import hashlib
 import multiprocessing
 import os
+import pickle
 import re
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import lightning as L
 import pytest
 import torch
 
+from src.callbacks import AtomicCheckpointIO
 from src.checkpoint import load_checkpoint
 from src.errors import UserError, one_line
 from src.idx import IDX_FILES, DataError, load_split, prepare_files, raw_folder
@@ -63,7 +65,8 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_data, tmp_
     assert stopped.value.code == 1
     err = capsys.readouterr().err
     checkpoint = tmp_path / "broken" / "checkpoints" / "last.ckpt"
-    assert f"saved {checkpoint}" in err and f"ckpt_path={checkpoint}" in err
+    # epochs counted from 1, as the console counts them: step 10 ended the 1st, so both stops come in the 2nd
+    assert f"Interrupted in epoch 2 after {step} steps; saved {checkpoint}" in err and f"ckpt_path={checkpoint}" in err
     assert torch.load(checkpoint, weights_only=True)["global_step"] == step
 
     train(tiny_run(tiny_data, f"ckpt_path={checkpoint}"), tmp_path / "resumed")
@@ -284,6 +287,10 @@ def test_checkpoint_whose_pickle_runs_code_is_refused_and_never_runs(tiny_data, 
         train(tiny_run(tiny_data, f"ckpt_path={evil}"), tmp_path / "run")
     assert not marker.exists(), "the checkpoint's payload ran"
     assert "(it would call or build posix.system)" in str(refused.value)
+    # Lightning's own loader of the run's checkpoints refuses it too, even when asked for a full unpickling
+    with pytest.raises(pickle.UnpicklingError):
+        AtomicCheckpointIO().load_checkpoint(evil, weights_only=False)
+    assert not marker.exists(), "the checkpoint's payload ran"
 
 
 def test_refusing_a_checkpoint_names_what_it_would_build_without_pytorchs_escape_codes(tmp_path):

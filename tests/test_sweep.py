@@ -80,6 +80,37 @@ def test_grid_sweep_summarises_every_job_and_reports_the_failed_one(tiny_data, t
     assert (sweep_dir / "summary.png").stat().st_size > 0
 
 
+def write_job(folder: Path, job: int, overrides: list[str], val_acc: list[float], test_acc: float) -> None:
+    """A job's folder as a sweep leaves it: its result.json, and its metrics.csv as Lightning's CSVLogger writes one
+    (per epoch a validation row and a training row, then the test row), which tested its best epoch."""
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps({
+        "job": job, "overrides": overrides, "status": "completed", "metric": "val/acc", "tested": "best",
+        "value": max(val_acc), "wall_s": 12.34, "error": ""}))
+    lines = ["epoch,step,test/acc,test/loss,train/acc,train/loss,val/acc,val/loss"]
+    for epoch, value in enumerate(val_acc):
+        lines += [f"{epoch},{4 * epoch + 3},,,,,{value},0.5", f"{epoch},{4 * epoch + 3},,,0.5,1.0,,"]
+    lines.append(f"{len(val_acc)},{4 * len(val_acc)},{test_acc},0.4,,,,")
+    (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_the_summary_holds_the_tested_epochs_val_acc_and_prints_what_varied(tmp_path):
+    from src.sweep import collect, format_table
+
+    sweep_dir = tmp_path / "sweep"
+    # val/acc rises then falls in job 0: the best epoch (the 2nd) was tested, and its val/acc is the job's
+    write_job(sweep_dir / "0", 0, ["model.hidden=16", "data.data_dir=/data"], [0.8, 0.91234, 0.7], 0.85)
+    write_job(sweep_dir / "1", 1, ["model.hidden=32", "data.data_dir=/data"], [0.6, 0.65, 0.75], 0.7)
+    rows = collect(sweep_dir)
+    assert [(row["job"], row["val/acc"], row["test/acc"], row["epochs"]) for row in rows] == [
+        (0, 0.91234, 0.85, 3), (1, 0.75, 0.7, 3)]
+    # the swept key alone (data.data_dir is the same in both), every figure to 4 decimals
+    assert format_table(rows, "val/acc").splitlines() == [
+        "job  status     val/acc  test/acc  tested  epochs  wall_s  swept values",
+        "0    completed  0.9123   0.8500    best    3       12.3    model.hidden=16",
+        "1    completed  0.7500   0.7000    best    3       12.3    model.hidden=32"]
+
+
 def test_jobs_of_one_process_read_the_data_once(tiny_data, tmp_path, monkeypatch):
     import logging
 
@@ -240,6 +271,67 @@ def test_optuna_search_prunes_fails_and_resumes(tiny_data, tmp_path):
     assert f"best trial {study.best_trial.number}:" in again.stdout
 
 
+# val/acc after each epoch of the stand-in trainings below, by trial number; None: the trial fails (a UserError).
+CURVES = {0: [0.5, 0.6, 0.7], 1: [0.6, 0.7, 0.8], 2: None, 3: [0.1, 0.1, 0.1], 4: [0.9, 0.95, 0.99], 5: [0.7, 0.8, 0.9]}
+
+
+def test_the_search_counts_prunes_fails_names_and_reports_its_trials(tmp_path, monkeypatch, caplog, capsys):
+    """The search's own bookkeeping, each trial's training replaced by a stand-in that reports CURVES[trial]
+    through the search's pruning callback, as Lightning's validation would: fast, and exact."""
+    needs_extra("sweep", "optuna", "optuna_integration")
+    import logging
+    from types import SimpleNamespace
+
+    import optuna
+    import torch
+
+    from src.errors import UserError
+    from src.run_context import RunContext
+    from src.tune import open_storage, tune
+
+    study_dir, folders = tmp_path / "study", []
+
+    def stand_in(cfg, run_dir, callbacks=(), context=None):
+        (pruning,) = callbacks
+        folders.append(run_dir.relative_to(tmp_path).as_posix())
+        curve = CURVES[pruning._trial.number]
+        if curve is None:
+            raise UserError("training diverged in epoch 1")
+        for epoch, value in enumerate(curve):  # only the optimised metric is logged: the callback must watch it
+            pruning.on_validation_end(SimpleNamespace(sanity_checking=False, callback_metrics={
+                cfg.optimized_metric: torch.tensor(value)}), SimpleNamespace(current_epoch=epoch))
+        return curve[-1]
+
+    monkeypatch.setattr("src.train.train", stand_in)
+    caplog.set_level(logging.INFO, logger="src.tune")
+    args = ["hparams_search.study_name=digits", "hparams_search.pruner.n_startup_trials=2",
+            "hparams_search.pruner.n_warmup_steps=1"]
+    tune(compose_config("hparams_search/optuna", *args, "hparams_search.n_trials=5"), RunContext(output_dir=study_dir))
+    study = optuna.load_study(study_name="digits", storage=open_storage(None, study_dir))
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "FAIL", "PRUNED", "COMPLETE"]
+    # Trial 3 trails the median of the 2 completed trials from its first epoch on, and is pruned at the first
+    # epoch after the warm-up of 1 (epochs counted from 0, as Optuna's steps).
+    assert study.trials[3].intermediate_values == {0: pytest.approx(0.1), 1: pytest.approx(0.1)}
+    assert folders == [f"study/trial_{n}" for n in range(5)]
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "study 'digits': 3 complete, 1 pruned, 1 failed"
+    assert out[1].startswith("best trial 4: val/acc 0.9900 with optimizer.lr=")
+    assert "trial 2 failed: training diverged in epoch 1" in caplog.text
+
+    tune(compose_config("hparams_search/optuna", *args, "hparams_search.n_trials=6"), RunContext(output_dir=study_dir))
+    assert f"resuming study 'digits' in {study_dir}: 5 of 6 trials done" in caplog.text
+    study = optuna.load_study(study_name="digits", storage=open_storage(None, study_dir))
+    assert len(study.trials) == 6 and folders[5:] == ["study/trial_5"]  # one more, to 6 in all
+
+    lowest = tmp_path / "lowest"  # a loss is minimised
+    monkeypatch.setitem(CURVES, 0, [0.3])
+    tune(compose_config("hparams_search/optuna", "optimized_metric=val/loss", "hparams_search.n_trials=1"),
+         RunContext(output_dir=lowest))
+    study = optuna.load_study(study_name="mnist-mlp", storage=open_storage(None, lowest))
+    assert study.direction == optuna.study.StudyDirection.MINIMIZE
+
+
 def test_the_search_schema_stays_out_of_training_configs():
     import src.tune  # noqa: F401 - registers the search's schema in this process
     from omegaconf import OmegaConf
@@ -306,4 +398,6 @@ def test_ddp_in_a_local_sweep_is_refused_instead_of_restarting_the_sweep(tiny_da
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stdout.count("Launching 1 jobs") + result.stderr.count("Launching 1 jobs") == 1
     (row,) = read_summary(sweep_dir)
-    assert row["status"] == "failed" and "use hydra/launcher=slurm" in row["error"]
+    assert row["status"] == "failed" and row["error"] == (
+        "UserError: trainer.strategy=ddp with several devices is not valid in a -m sweep on this machine: "
+        "use hydra/launcher=slurm, or run it without -m")

@@ -77,10 +77,19 @@ def test_steps_match_a_hand_written_loop_with_keras_rmsprop(tiny_data):
         torch.testing.assert_close(trained[k], w[k].detach(), rtol=1e-5, atol=1e-6)
 
 
+class FirstWeights(L.Callback):
+    def on_fit_start(self, trainer, pl_module):
+        self.weights = {k: v.clone() for k, v in pl_module.net.state_dict().items()}
+
+
 def test_train_through_hydra_writes_the_run_folder(tiny_data, tmp_path, capsys):
     cfg = compose_train(f"data.data_dir={tiny_data}", "trainer.max_epochs=2", "trainer.accelerator=cpu",
-                        "data.batch_size=64")
-    metric = train(cfg, tmp_path / "run")
+                        "data.batch_size=64", "seed=3")
+    first = FirstWeights()
+    metric = train(cfg, tmp_path / "run", callbacks=(first,))
+    L.seed_everything(3)
+    seeded = MNISTClassifier().net.state_dict()  # the network starts from the weights seed=3 draws
+    assert all(torch.equal(first.weights[k], seeded[k]) for k in seeded)
     out = capsys.readouterr().out
     loss, acc = map(float, LINE.search(out).groups())
     assert metric == pytest.approx(acc, abs=1e-4)  # no validation split: test/acc is returned
@@ -111,12 +120,16 @@ class SetLearningRate(L.Callback):
                 group["lr"] = self.lr
 
 
-def test_validation_split_is_logged_and_the_best_epoch_is_kept(tiny_data, tmp_path):
+def test_validation_split_is_logged_and_the_best_epoch_is_kept(tiny_data, tmp_path, capsys):
     # Two epochs of learning, then one of gradient ascent (a negative learning rate): val/acc rises,
     # then falls (0.51, 0.71, 0.09 here), so the best epoch is neither the first nor the last.
-    cfg = compose_train(f"data.data_dir={tiny_data}", "trainer.max_epochs=3", "trainer.accelerator=cpu",
-                        "data.val_size=100", "model.hidden=32", "optimizer.lr=3e-4", "data.batch_size=64")
-    metric = train(cfg, tmp_path / "run", callbacks=(SetLearningRate(2, -3e-3),))
+    # Early stopping with a patience longer than the run watches, and never stops it.
+    cfg_args = (f"data.data_dir={tiny_data}", "trainer.max_epochs=3", "trainer.accelerator=cpu", "data.val_size=100",
+                "model.hidden=32", "optimizer.lr=3e-4", "data.batch_size=64", "early_stopping.enabled=true",
+                "early_stopping.patience=3")
+    metric = train(compose_train(*cfg_args), tmp_path / "run", callbacks=(SetLearningRate(2, -3e-3),))
+    out = capsys.readouterr().out
+    assert "early stopping" not in out  # it ran all its epochs
     val_acc = logged(tmp_path / "run" / "metrics.csv", "val/acc")
     best = val_acc.index(max(val_acc))
     assert best == 1 and val_acc[0] < val_acc[1] > val_acc[2]
@@ -135,10 +148,20 @@ def test_validation_split_is_logged_and_the_best_epoch_is_kept(tiny_data, tmp_pa
     model.load_state_dict(saved["state_dict"])
     with torch.no_grad():
         assert (model(x).argmax(1) == y.argmax(1)).float().mean().item() == pytest.approx(val_acc[1], abs=1e-6)
+        # and they are the weights tested: their test accuracy is the one logged and printed
+        x_test, y_test = dm.test_xy
+        test_acc = (model(x_test).argmax(1) == y_test.argmax(1)).float().mean().item()
+    assert logged(tmp_path / "run" / "metrics.csv", "test/acc") == [pytest.approx(test_acc, abs=1e-6)]
+    assert LINE_WITH_EPOCH.search(out).group(1) == "(best epoch 2 of 3)" and f"test_acc: {test_acc:.4f}" in out
     # last.ckpt holds the best checkpoint's record of the same epoch: it saved first.
     states = torch.load(checkpoints / "last.ckpt", weights_only=True)["callbacks"]
     [record] = [state for key, state in states.items() if "'monitor': 'val/acc'" in key and "best_model_path" in state]
     assert record["best_model_path"] == str(next(checkpoints.glob("best-*.ckpt")))
+
+    # Resumed in its folder after its last epoch (a job run again): it tests the same best epoch and returns that
+    # epoch's val/acc, which the checkpoint's record of every epoch keeps.
+    again = train(compose_train(*cfg_args, f"ckpt_path={checkpoints / 'last.ckpt'}"), tmp_path / "run")
+    assert again == metric and f"test_acc: {test_acc:.4f} (best epoch 2 of 3)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("name, optimizer, keras_defaults", [
@@ -187,6 +210,9 @@ def test_early_stopping_ends_a_run_whose_val_acc_stopped_rising_and_tests_its_be
     ("data.batch_size=0", "data.batch_size=0"),
     ("trainer.max_epochs=-1", "trainer.max_epochs=-1"),
     ("optimizer.lr=-1", "optimizer.lr=-1.0"),
+    ("optimizer.eps=0", "optimizer.eps=0.0 is not valid: expected a number > 0"),
+    ("model.hidden=0", "model.hidden=0 is not valid: expected a positive integer"),
+    ("progress=bogus", "progress='bogus' is not valid: expected one of auto, bar, lines"),
     ("data.val_size=-5", "data.val_size=-5"),
     ("trainer.devices=0", "trainer.devices=0"),
     ("test_ckpt=best", "test_ckpt='best' is not valid: the best epoch is chosen on val/acc, which needs a validation split"),
