@@ -223,3 +223,23 @@ def test_while_jobs_wait_each_look_reports_their_reasons_and_cancels_those_that_
         ("warning", f"#2 : SLURM job 11_2 still waiting after 3 min: {hopeless}"),
         ("warning", f"#2 : SLURM job 11_2 still waiting after 4 min: {hopeless}"),
     ]
+
+
+@pytest.mark.parametrize("state, cancelled", [("CANCELLED", True), ("RUNNING", False)])
+def test_a_job_is_cancelled_only_while_it_still_waits(monkeypatch, state, cancelled):
+    """Between the look at the queue and the cancel, the job may have started: scancel --state=PENDING leaves a
+    running job alone, and squeue then says whether it was cancelled."""
+    import subprocess
+    from types import SimpleNamespace
+
+    import hydra_plugins.keras_mnist_slurm as plugin
+
+    commands = []
+
+    def run(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, stdout=f"{state}\n" if command[0] == "squeue" else "", stderr="")
+
+    monkeypatch.setattr(plugin, "subprocess", SimpleNamespace(run=run))
+    assert plugin._cancel_pending("7_1") is cancelled
+    assert commands == [["scancel", "--state=PENDING", "7_1"], ["squeue", "-h", "-t", "all", "-j", "7_1", "-o", "%T"]]
