@@ -44,9 +44,11 @@ def test_the_test_confusion_counts_every_test_image_and_agrees_with_test_acc(tin
     model = MNISTClassifier(hidden=16)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
-    [result] = trainer.test(model, datamodule=MNISTDataModule(data_dir=str(tiny_data)), verbose=False)
+    datamodule = MNISTDataModule(data_dir=str(tiny_data), val_size=100)
+    trainer.validate(model, datamodule=datamodule, verbose=False)  # as in training: validation before the test
+    [result] = trainer.test(model, datamodule=datamodule, verbose=False)
     confusion = model.test_confusion
-    assert confusion.shape == (10, 10) and int(confusion.sum()) == 200  # the 200 test images, each once
+    assert confusion.shape == (10, 10) and int(confusion.sum()) == 200  # the 200 test images, each once, and no others
     assert float(confusion.diag().sum() / 200) == pytest.approx(result["test/acc"], abs=1e-6)
     dm = MNISTDataModule(data_dir=str(tiny_data))
     dm.setup("test")

@@ -53,27 +53,43 @@ def test_the_confusion_matrix_has_true_classes_as_rows_with_their_accuracy(tmp_p
     [ax] = fig.axes
     assert out.is_file() and ax.get_title() == "val confusion matrix"
     assert ax.get_images()[0].get_array().tolist() == confusion.tolist()  # row i: the images of class i
+    # Each cell's printed count sits on its own cell: the text at (column j, row i) is confusion[i, j].
+    assert {t.get_position(): t.get_text() for t in ax.texts} == {
+        (j, i): str(int(confusion[i, j])) for i in range(3) for j in range(3)}
     assert [t.get_text() for t in ax.get_yticklabels()] == ["a (75.0%)", "b (100.0%)", "c (0.0%)"]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["a", "b", "c"]
 
 
 def test_the_gallery_titles_name_true_and_predicted_and_never_round_up_to_certainty(tmp_path, saved):
-    images = torch.zeros(2, 784)
+    images = torch.rand(2, 784, generator=torch.Generator().manual_seed(0))
     out = plots.mistakes(images, ["test[7]", "test[9]"], [1, 2], [2, 0], [0.99996, 0.5], ["zero", "one", "two"],
                          tmp_path / "mistakes.png", "the 2 most confidently wrong")
     [(fig, written)] = saved
     assert out == written == tmp_path / "mistakes.png" and out.is_file()
-    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
-    assert titles == ["test[7]\ntrue: one\npredicted: two\n99.99%", "test[9]\ntrue: two\npredicted: zero\n50.00%"]
+    assert fig.get_suptitle() == "the 2 most confidently wrong"
+    shown = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in shown] == ["test[7]\ntrue: one\npredicted: two\n99.99%",
+                                                "test[9]\ntrue: two\npredicted: zero\n50.00%"]
+    for ax, image in zip(shown, images):  # each image upright, row by row, as the model saw it
+        assert ax.get_images()[0].get_array().tolist() == image.reshape(28, 28).tolist()
 
 
 @pytest.mark.parametrize("label, outcome", [(None, ""), (3, " (right)"), (1, " (wrong: it is 1)")])
 def test_the_prediction_figure_says_whether_it_is_right(tmp_path, saved, label, outcome):
+    from matplotlib.colors import to_hex
+
     probabilities = torch.full((10,), 0.02)
     probabilities[3] = 0.82
-    plots.prediction(probabilities, [str(k) for k in range(10)], torch.zeros(28, 28), tmp_path / "p.png", "train[3]",
-                     label=label)
+    image = torch.rand(28, 28, generator=torch.Generator().manual_seed(0))
+    plots.prediction(probabilities, [str(k) for k in range(10)], image, tmp_path / "p.png", "train[3]", label=label)
     [(fig, out)] = saved
-    bars = fig.axes[0]
+    bars, picture = fig.axes
     assert out.is_file() and bars.get_title() == f"predicted 3: 82.0%{outcome}"
     assert [round(bar.get_height(), 6) for bar in bars.patches] == [round(p, 6) for p in probabilities.tolist()]
+    # The predicted class orange, the true label green (a right answer: one green bar), the rest blue.
+    colours = ["tab:blue"] * 10
+    colours[3] = "tab:orange"
+    if label is not None:
+        colours[label] = "tab:green"
+    assert [to_hex(bar.get_facecolor()) for bar in bars.patches] == [to_hex(c) for c in colours]
+    assert picture.get_title() == "train[3]" and picture.get_images()[0].get_array().tolist() == image.tolist()

@@ -25,7 +25,8 @@ from src.errors import UserError, one_line
 from src.idx import IDX_FILES, DataError, load_split, prepare_files, raw_folder
 from src.model import DivergedError, MNISTClassifier
 from src.train import train
-from tests.conftest import ROOT, compose_train, ctrl_c_as_in_a_terminal, entry_env, needs_fashion, write_dataset, write_idx
+from tests.conftest import (ROOT, compose_train, ctrl_c_as_in_a_terminal, entry_env, needs_extra, needs_fashion,
+                            write_dataset, write_idx)
 
 EPOCHS, BATCH = 3, 64  # tiny data: 600 images -> 10 steps per epoch
 LINE = re.compile(r"^test_loss: \S+ test_acc: \S+$", re.M)
@@ -233,6 +234,31 @@ def test_two_processes_prepare_the_same_empty_folder_at_once(tmp_path):
     assert shapes == [(60000, 784)] * 2
     raw = raw_folder("fashion_mnist", tmp_path / "data")
     assert sorted(p.name for p in raw.iterdir() if not p.name.startswith(".lock")) == sorted(IDX_FILES)
+
+
+def test_search_workers_append_to_the_journal_under_optunas_lock(tmp_path):
+    """Workers of one search append to one journal.log: each append happens while Optuna's own lock of the journal
+    is held, as Optuna's own appends do, so that a worker cutting off its torn record never cuts off another's."""
+    needs_extra("sweep", "optuna")
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    from src.journal import WholeRecordsJournal
+
+    journal, events = tmp_path / "journal.log", []
+
+    class Recorded(JournalFileSymlinkLock):  # the lock JournalFileBackend takes by default
+        def acquire(self) -> bool:
+            events.append(("acquire", journal.stat().st_size))
+            return super().acquire()
+
+        def release(self) -> None:
+            events.append(("release", journal.stat().st_size))
+            super().release()
+
+    backend = WholeRecordsJournal(str(journal), lock_obj=Recorded(str(journal)))
+    backend.append_logs([{"op_code": 0, "worker_id": "w0", "study_name": "s", "directions": [1]}])
+    written = journal.stat().st_size
+    assert written > 0 and events == [("acquire", 0), ("release", written)]  # the record went in while it was held
 
 
 def digest(folder: Path) -> dict:

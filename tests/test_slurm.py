@@ -11,6 +11,7 @@ a job that asks for them all has a node to itself, so two such jobs run on the t
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -296,6 +297,39 @@ def test_a_bad_waiting_setting_is_one_line_before_anything_is_submitted(tmp_path
     assert result.stderr.strip().splitlines() == [
         f"error: hydra.launcher.{setting} is not valid: expected a whole number of seconds, {valid}"]
     assert not (tmp_path / "sweep").exists()
+
+
+FAKE_SBATCH = """#!/bin/sh
+cp "$1" "$(dirname "$0")/submitted.sh"
+echo "sbatch: error: Memory specification can not be satisfied" >&2
+echo "sbatch: error: Batch job submission failed: Requested node configuration is not available" >&2
+exit 1
+"""
+
+
+def test_a_refused_request_is_a_failed_row_for_each_job_without_a_cluster(tmp_path):
+    """The launcher's part of a refusal, with an sbatch and a sinfo of the test's own on PATH that answer as the
+    cluster's do (test_a_request_that_sbatch_refuses_is_a_failed_row_for_each_job): what it submits, and the rows."""
+    needs_extra("sweep", "submitit")
+    bin_dir, sweep_dir = tmp_path / "bin", tmp_path / "sweep"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
+    (bin_dir / "sinfo").write_text("#!/bin/sh\necho 'debug*|localhost|idle|2|2000|(null)|infinite'\n")
+    for script in bin_dir.iterdir():
+        script.chmod(0o755)
+    env = entry_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    result = run("src.train", "-m", *SLURM_CPU[:-1], "hydra.launcher.mem_gb=10", "model.hidden=8,16",
+                 f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, env=env, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    submitted = (bin_dir / "submitted.sh").read_text()
+    assert "#SBATCH --mem=10GB" in submitted and "#SBATCH --cpus-per-task=1" in submitted
+    assert "#SBATCH --array=0-1" in submitted and "wait_report" not in submitted and "grace" not in submitted
+    rows = read_summary(sweep_dir)
+    assert [(row["overrides"], row["status"]) for row in rows] == [("model.hidden=8", "failed"), ("model.hidden=16", "failed")]
+    assert {row["error"] for row in rows} == {
+        "CannotStart: sbatch refused the jobs: Memory specification can not be satisfied; Batch job submission "
+        "failed: Requested node configuration is not available: it asks for 10 GB a node (hydra.launcher.mem_gb=10) "
+        "and partition debug's nodes have at most 2.0 GB; ask for less, or choose another hydra.launcher.partition"}
 
 
 SEARCH = ["data.val_size=100", "trainer.max_epochs=3", "hparams_search.pruner.n_startup_trials=1",

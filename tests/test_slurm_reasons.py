@@ -114,7 +114,9 @@ def test_a_job_that_failed_outside_its_task_says_what_failed_not_that_it_ended(t
     assert str(error) == f"SLURM job 7 failed: ModuleNotFoundError: No module named 'src.no_such_module' (log: {paths.stderr})"
 
     job.state = "TIMEOUT"
-    job.stderr = lambda: "train images (600, 784)\nInterrupted in epoch 3 after 41 steps; saved /run/last.ckpt\n"
+    job.stderr = lambda: ("train images (600, 784)\nslurmstepd: error: *** JOB 7 ON node1 CANCELLED AT 2026-01-01T12:00:00 "
+                          "DUE TO TIME LIMIT ***\nInterrupted in epoch 3 after 41 steps; saved /run/last.ckpt\n"
+                          "srun: error: node1: task 0: Exited with exit code 1\n")  # the job's own line is not the last
     error = _why_no_result(job, UncompletedJobError("Job 7 (task: 0) with path ... has not produced any output"),
                            Path("/sweep/0"))
     assert type(error) is UncompletedJobError
@@ -131,3 +133,126 @@ def test_a_job_that_failed_outside_its_task_says_what_failed_not_that_it_ended(t
                               f"Interrupted in epoch 3 after 41 steps; saved /run/last.ckpt (log: {paths.stderr})")
         last.parent.mkdir(parents=True, exist_ok=True)
         last.touch()
+
+def test_pending_reasons_are_read_for_the_jobs_asked_about(monkeypatch):
+    """squeue -r lists each task of an array on a line of its own (without it, "12_[0-1]"); a reason may hold commas."""
+    from hydra_plugins.keras_mnist_slurm import pending
+
+    asked = []
+    lines = ["12_0|gpu|Resources", "12_1|gpu|ReqNodeNotAvail, UnavailableNodes:g[0-2]", "12_3|gpu|Priority",
+             "13|cpu|PartitionConfig "]
+    monkeypatch.setattr(pending, "_run", lambda command: asked.append(command) or lines)
+    assert pending.pending_reasons(["12_0", "12_1", "13"]) == {
+        "12_0": ("Resources", "gpu"), "12_1": ("ReqNodeNotAvail, UnavailableNodes:g[0-2]", "gpu"),
+        "13": ("PartitionConfig", "cpu")}  # 12_3 is not one of them
+    assert asked == [["squeue", "-h", "-r", "-t", "PENDING", "-j", "12,13", "-o", "%i|%P|%r"]]
+
+
+@pytest.mark.parametrize("stderr, request_, said", [
+    ("sbatch: error: Memory specification can not be satisfied\n"
+     "sbatch: error: Batch job submission failed: Requested node configuration is not available",
+     {"mem_gb": 1000},
+     "Memory specification can not be satisfied; Batch job submission failed: Requested node configuration is not "
+     "available: it asks for 1000 GB a node (hydra.launcher.mem_gb=1000) and partition gpu's nodes have at most 500.0 "
+     "GB; ask for less, or choose another hydra.launcher.partition"),
+    ("sbatch: error: invalid partition specified: big\nsbatch: error: Batch job submission failed: Invalid partition "
+     "name specified", {"partition": "big"},
+     "invalid partition specified: big; Batch job submission failed: Invalid partition name specified: "
+     "hydra.launcher.partition=big is not a partition here: valid are gpu, cpu"),
+    ("sbatch: error: Batch job submission failed: Requested time limit is invalid (missing or exceeds some limit)",
+     {"timeout_min": 6000},
+     "Batch job submission failed: Requested time limit is invalid (missing or exceeds some limit): "
+     "hydra.launcher.timeout_min=6000 is above partition gpu's time limit of 2-00:00:00: lower it, or choose another "
+     "hydra.launcher.partition"),
+    ("sbatch: error: Batch job submission failed: Invalid account or account/partition combination specified",
+     {"account": "nobody"},
+     "Batch job submission failed: Invalid account or account/partition combination specified: "
+     "hydra.launcher.account=nobody cannot be used here: set it to one of yours"),
+    ("sbatch: error: Batch job submission failed: Socket timed out on send/recv operation", {},
+     "Batch job submission failed: Socket timed out on send/recv operation"),  # nothing to change in the request
+])
+def test_a_request_that_sbatch_refuses_says_what_to_change(monkeypatch, stderr, request_, said):
+    """sbatch's own words (submitit's FailedJobError holds its stderr), with the partition as sinfo shows it."""
+    from hydra_plugins.keras_mnist_slurm import pending
+
+    lines = ["gpu*|g0|mix|64|512000|gpu:a100:4(S:0-1)|2-00:00:00", "cpu|c0|idle|128|256000|(null)|infinite"]
+    monkeypatch.setattr(pending, "_run", lambda command: lines if command[0] == "sinfo" else [])
+    request = {"cpus_per_task": 4, "tasks_per_node": 1, "mem_gb": 16, "gpus_per_node": None, "nodes": 1,
+               "timeout_min": 60, "partition": None, "account": None, "qos": None, **request_}
+    assert pending.refused(stderr, request) == f"sbatch refused the jobs: {said}"
+
+
+def test_while_jobs_wait_each_look_reports_their_reasons_and_cancels_those_that_cannot_start(monkeypatch):
+    """The launcher's wait, on a clock of its own: a look every report_s=60 s, and a job whose reason has said for
+    cannot_start_grace_s=120 s that it cannot start as submitted is cancelled. Job 11_0 waits for Resources and then
+    runs; 11_1 asks for more GPUs than a node has; 11_2 says so too, then Resources (its count starts again), and when
+    its time is up it has started meanwhile: scancel --state=PENDING leaves it alone, and it is not a failed row."""
+    from types import SimpleNamespace
+
+    import hydra_plugins.keras_mnist_slurm as plugin
+    from hydra_plugins.keras_mnist_slurm import pending
+
+    clock = [1000.0]
+    monkeypatch.setattr(plugin, "time", SimpleNamespace(time=lambda: clock[0],
+                                                        sleep=lambda s: clock.__setitem__(0, clock[0] + s)))
+    big = "PartitionConfig"
+    looks = [{"11_0": "Resources", "11_1": big, "11_2": big}, {"11_0": "Resources", "11_1": big, "11_2": "Resources"},
+             {"11_1": big, "11_2": big}, {"11_2": big}, {"11_2": big}, {}]
+    seen = []
+
+    def reasons(waiting):
+        assert len(seen) < len(looks), "the launcher is still waiting"
+        seen.append(sorted(waiting))
+        return {job: (reason, "gpu") for job, reason in looks[len(seen) - 1].items()}
+
+    done_after = {"11_0": 2, "11_1": len(looks), "11_2": len(looks)}  # looks after which each job is done
+    jobs = [SimpleNamespace(job_id=job, done=lambda job=job: len(seen) >= done_after[job]) for job in done_after]
+    cluster = pending.Cluster({"gpu": pending.Partition("gpu", "2:00:00", {"g0": "idle"}, [16], [64000], [4])}, "gpu")
+    monkeypatch.setattr(pending, "pending_reasons", reasons)
+    monkeypatch.setattr(pending, "Cluster", lambda: cluster)
+    cancels = []
+    monkeypatch.setattr(plugin, "_cancel_pending", lambda job: cancels.append(job) or job == "11_1")
+    said = []
+    monkeypatch.setattr(plugin, "log", SimpleNamespace(**{level: lambda line, level=level: said.append((level, line))
+                                                          for level in ("info", "warning", "error")}))
+
+    cancelled = plugin.SlurmLauncher._wait(None, jobs, range(3), REQUEST, 60, 120)
+
+    why = ("it asks for 8 GPUs a node (hydra.launcher.gpus_per_node=8) and partition gpu's nodes have at most 4; "
+           "ask for less, or choose another hydra.launcher.partition")
+    assert list(cancelled) == ["11_1"] and type(cancelled["11_1"]).__name__ == "CannotStart"
+    assert str(cancelled["11_1"]) == f"SLURM job 11_1 could not start ({big}) and was cancelled after waiting 3 min: {why}"
+    assert cancels == ["11_1", "11_2"]
+    assert seen == [["11_0", "11_1", "11_2"]] * 2 + [["11_1", "11_2"], ["11_2"], ["11_2"], ["11_2"]]
+    hopeless = f"{big}; it cannot start as submitted: {why} (cancelled if still so after 2 min)"
+    assert said == [
+        ("info", "#0 : SLURM job 11_0 still waiting after 60 s: Resources"),
+        ("warning", f"#1 : SLURM job 11_1 still waiting after 60 s: {hopeless}"),
+        ("warning", f"#2 : SLURM job 11_2 still waiting after 60 s: {hopeless}"),
+        ("info", "#0 : SLURM job 11_0 still waiting after 2 min: Resources"),
+        ("warning", f"#1 : SLURM job 11_1 still waiting after 2 min: {hopeless}"),
+        ("info", "#2 : SLURM job 11_2 still waiting after 2 min: Resources"),
+        ("error", f"#1 : {cancelled['11_1']}"),
+        ("warning", f"#2 : SLURM job 11_2 still waiting after 3 min: {hopeless}"),
+        ("warning", f"#2 : SLURM job 11_2 still waiting after 4 min: {hopeless}"),
+    ]
+
+
+@pytest.mark.parametrize("state, cancelled", [("CANCELLED", True), ("RUNNING", False)])
+def test_a_job_is_cancelled_only_while_it_still_waits(monkeypatch, state, cancelled):
+    """Between the look at the queue and the cancel, the job may have started: scancel --state=PENDING leaves a
+    running job alone, and squeue then says whether it was cancelled."""
+    import subprocess
+    from types import SimpleNamespace
+
+    import hydra_plugins.keras_mnist_slurm as plugin
+
+    commands = []
+
+    def run(command, **kwargs):
+        commands.append(command)
+        return subprocess.CompletedProcess(command, 0, stdout=f"{state}\n" if command[0] == "squeue" else "", stderr="")
+
+    monkeypatch.setattr(plugin, "subprocess", SimpleNamespace(run=run))
+    assert plugin._cancel_pending("7_1") is cancelled
+    assert commands == [["scancel", "--state=PENDING", "7_1"], ["squeue", "-h", "-t", "all", "-j", "7_1", "-o", "%T"]]
