@@ -7,7 +7,7 @@ Importing this module registers the schemas in Hydra's ConfigStore (compose need
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -74,7 +74,7 @@ class OptimizerConfig:
 
 @dataclass
 class TrainerConfig:
-    """The lightning.Trainer arguments a run may set; passed to it as keyword arguments (but rendezvous_timeout_s)."""
+    """The lightning.Trainer arguments a run may set (lightning_arguments()), and rendezvous_timeout_s."""
 
     accelerator: str = "auto"
     devices: Any = 1
@@ -101,6 +101,12 @@ class TrainerConfig:
         _check(devices_ok, "trainer.devices", self.devices, "expected a count >= 1, a list of device ids, or 'auto'")
         _check(self.rendezvous_timeout_s >= 1, "trainer.rendezvous_timeout_s", self.rendezvous_timeout_s,
                "expected a whole number of seconds, 1 or more")
+
+    def lightning_arguments(self) -> dict[str, Any]:
+        """The keyword arguments of lightning.Trainer: those set, without rendezvous_timeout_s (not Lightning's)."""
+        arguments = {key: value for key, value in asdict(self).items() if value is not None}
+        del arguments["rendezvous_timeout_s"]
+        return arguments
 
 
 @dataclass

@@ -83,12 +83,11 @@ def train(cfg: DictConfig, run_dir: str | Path, callbacks: tuple = (), context: 
     progress = progress_callback(config.progress) if config.trainer.enable_progress_bar else None
     if isinstance(progress, EpochLines):
         loggers.append(progress.figures)
-    trainer_args = {k: v for k, v in dataclasses.asdict(config.trainer).items() if v is not None}
-    rendezvous_timeout_s = trainer_args.pop("rendezvous_timeout_s")
+    trainer_args = config.trainer.lightning_arguments()
     if trainer_args["strategy"] == "ddp":  # Lightning's DDPStrategy, whose processes meet within the bound
         from src.rendezvous import BoundedRendezvousDDP
 
-        trainer_args["strategy"] = BoundedRendezvousDDP(rendezvous_timeout_s)
+        trainer_args["strategy"] = BoundedRendezvousDDP(config.trainer.rendezvous_timeout_s)
     limit_val_batches = trainer_args.pop("limit_val_batches", 1.0) if has_val else 0
     trainer = L.Trainer(
         **trainer_args,
