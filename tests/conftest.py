@@ -151,6 +151,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Under pytest-xdist (pyproject.toml's addopts: -n auto --dist loadgroup), a file's tests run in one worker, so
+    that its fixtures are built once; and every test that uses the SLURM cluster runs in one and the same worker,
+    since one machine holds one such cluster (fixed ports, an /etc/hosts line). The groups that take longest start
+    first, so that the others fill the other workers' time beside them."""
+    for item in items:
+        group = "slurm-cluster" if "slurm_cluster" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+    first = {name: rank for rank, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: first.get(_group(item), len(first)))  # stable: a file's tests keep their order
+
+
+def _group(item) -> str:
+    return item.get_closest_marker("xdist_group").args[0]
+
+
+# The groups of tests that take longest (python -m pytest --durations=0, summed per file), longest first.
+LONGEST_FIRST = ["slurm-cluster", "tests/test_docs_examples.py"]
+
+
+# A test's record_property(SUMMARY, text): the text is printed at the end of the session, under xdist too (whose
+# workers' own output never reaches the terminal; their reports, with these properties, do).
+SUMMARY = "summary"
+_SUMMARIES: list[str] = []
+
+
+def pytest_runtest_logreport(report) -> None:
+    if report.when == "call":
+        _SUMMARIES.extend(text for name, text in report.user_properties if name == SUMMARY)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    for text in _SUMMARIES:
+        terminalreporter.write_sep("-", "summary")
+        terminalreporter.write_line(text)
+
+
 def needs(present: bool, reason: str) -> None:
     """Skip a test whose input this machine lacks (a Debian package, the dev extra); under CI, whose
     .ci/run installs all of them, fail instead: a skip there would hide a missing install step."""

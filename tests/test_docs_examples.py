@@ -41,7 +41,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, entry_env, free_port, needs, needs_extra, write_dataset
+from tests.conftest import ROOT, SUMMARY, entry_env, free_port, needs, needs_extra, write_dataset
 
 # README.md last: the front page shows commands of the pages, and a command of it that a page ran already in this
 # session (with no output of its own to compare) is not run again (FRONT_PAGE).
@@ -829,8 +829,9 @@ def test_page_examples(page, docs_workspace, session_servers, tmp_path):
         run.close()
 
 
-def test_summary(capsys):
-    """How many blocks ran and how many are marked, by reason; and that every block of the pages run got one."""
+def test_summary(record_property):
+    """How many blocks ran and how many are marked, by reason; and that every block of the pages run got one.
+    Printed at the end of the session (tests/conftest.py's pytest_terminal_summary), from whichever worker ran it."""
     if not VERDICTS:
         pytest.skip("no page was run in this session (tests/test_docs_examples.py::test_page_examples)")
     blocks, reasons, missing = Counter(), Counter(), []
@@ -841,12 +842,10 @@ def test_summary(capsys):
                 missing.append(block.where)
             blocks["ran" if "ran" in kinds else "marked" if kinds else "neither"] += 1
             reasons.update(reason for kind, reason in verdicts.get(block.line, []) if kind == "marked")
-    with capsys.disabled():
-        print(f"\ndocs examples: {len(VERDICTS)} pages, {blocks['ran']} blocks run, {blocks['marked']} marked "
-              "not runnable here; the marked blocks and lines by reason:")
-        for reason, count in reasons.most_common():
-            print(f"  {count:3d}  {reason}")
-        print(f"the slowest of {len(TIMES)} steps run ({sum(t for t, _, _ in TIMES):.1f} s in all):")
-        for seconds, where, text in sorted(TIMES, reverse=True)[:12]:
-            print(f"  {seconds:6.1f} s  {where}  {text}")
+    lines = [f"docs examples: {len(VERDICTS)} pages, {blocks['ran']} blocks run, {blocks['marked']} marked "
+             "not runnable here; the marked blocks and lines by reason:"]
+    lines += [f"  {count:3d}  {reason}" for reason, count in reasons.most_common()]
+    lines.append(f"the slowest of {len(TIMES)} steps run ({sum(t for t, _, _ in TIMES):.1f} s in all):")
+    lines += [f"  {seconds:6.1f} s  {where}  {text}" for seconds, where, text in sorted(TIMES, reverse=True)[:12]]
+    record_property(SUMMARY, "\n".join(lines))
     assert not missing, f"blocks neither run nor marked: {missing}"
