@@ -152,23 +152,22 @@ def free_port() -> int:
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """Under pytest-xdist (pyproject.toml's addopts: -n auto --dist loadgroup), a file's tests run in one worker, so
-    that its fixtures are built once; and every test that uses the SLURM cluster runs in one and the same worker,
-    since one machine holds one such cluster (fixed ports, an /etc/hosts line). The groups that take longest start
-    first, so that the others fill the other workers' time beside them."""
-    for item in items:
-        group = "slurm-cluster" if "slurm_cluster" in getattr(item, "fixturenames", ()) else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+    """Under pytest-xdist (pyproject.toml's addopts: -n auto --dist loadfile), a file's tests run in one worker, so
+    that its fixtures are built once; the files that take longest start first, so that the others fill the other
+    workers' time beside them. The SLURM cluster's tests are all in one file: one machine holds one such cluster
+    (fixed ports, an /etc/hosts line), so two workers must not start it."""
+    elsewhere = sorted({item.nodeid.split("::")[0] for item in items if "slurm_cluster" in getattr(item, "fixturenames", ())}
+                       - {SLURM_TESTS})
+    if elsewhere:
+        raise pytest.UsageError(f"the slurm_cluster fixture is used in {', '.join(elsewhere)}: its tests belong in "
+                                f"{SLURM_TESTS}, which one worker runs")
     first = {name: rank for rank, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: first.get(_group(item), len(first)))  # stable: a file's tests keep their order
+    items.sort(key=lambda item: first.get(item.nodeid.split("::")[0], len(first)))  # stable: a file's order kept
 
 
-def _group(item) -> str:
-    return item.get_closest_marker("xdist_group").args[0]
-
-
-# The groups of tests that take longest (python -m pytest --durations=0, summed per file), longest first.
-LONGEST_FIRST = ["slurm-cluster", "tests/test_docs_examples.py"]
+# The files whose tests take longest (python -m pytest --durations=0, summed per file), longest first.
+SLURM_TESTS = "tests/test_slurm.py"
+LONGEST_FIRST = [SLURM_TESTS, "tests/test_docs_examples.py"]
 
 
 # A test's record_property(SUMMARY, text): the text is printed at the end of the session, under xdist too (whose
