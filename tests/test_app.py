@@ -186,6 +186,7 @@ def save_checkpoint(net: torch.nn.Module, path: Path, hidden: int = 16) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides, line", [
     (["port=0"], "error: port=0 is not valid: expected a TCP port from 1 to 65535"),
     (["port=http"], "error: Error merging override port=http; Value 'http' of type 'str' could not be converted to "
@@ -219,6 +220,7 @@ def test_bad_configuration_is_one_line_before_the_server_starts(tmp_path, any_mo
     assert "serving on" not in result.stdout and not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.slow
 def test_without_gradio_names_the_extra(tmp_path):
     from tests.test_extras import run_without
 

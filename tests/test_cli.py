@@ -63,6 +63,7 @@ atexit.register(lambda: print("at exit:", gc.get_freeze_count(), gc.get_threshol
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command, status", [
     (("-m", "src.train", "data.data_dir={data}", "data.batch_size=64", "model.hidden=16", "trainer.max_epochs=1",
       "hydra.run.dir=run"), 0),

@@ -212,6 +212,7 @@ def test_metrics_json_that_cannot_be_written_is_one_line_naming_it(plain_run, tm
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["confusion_matrix.png", "metrics.json", "mistakes.png"]
 
 
+@pytest.mark.slow
 def test_the_command_finds_the_newest_run_leaves_lightning_out_and_refuses_bad_input(plain_run, tmp_path):
     run, printed = plain_run
     copied = tmp_path / "outputs" / "2026-01-01" / "12-00-00" / "checkpoints" / "last.ckpt"

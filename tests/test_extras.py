@@ -28,6 +28,7 @@ def run_without(hidden: list[str], module: str, *args: str, cwd) -> subprocess.C
                           timeout=120)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher, plugin", [
     ("slurm", "hydra_plugins.hydra_submitit_launcher"),
     ("submitit_local", "hydra_plugins.hydra_submitit_launcher"),

@@ -141,6 +141,7 @@ def train_process(tmp_path: Path, *overrides: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_real_runs_on_a_disk_that_fills_up_or_in_a_folder_that_cannot_be_made_end_with_one_line(
         tiny_data, tmp_path, disk):
     """`python -m src.train` in a folder on the tmpfs, filled up while the first epoch is done and the second not

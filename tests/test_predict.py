@@ -378,6 +378,7 @@ def test_a_model_reads_users_pictures_about_as_well_as_the_originals(real_checkp
     assert int(result.probabilities.argmax()) == int(model(pictures[:1].reshape(1, 784)).argmax())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, imported", [(["idx=3"], "['torchvision']"), (["image=digit.png"], "[]")])
 def test_predict_imports_no_lightning_and_for_a_picture_no_torchvision(workdir, args, imported):
     """One image needs PyTorch, not the training framework: Lightning's import alone takes seconds. A picture

@@ -310,6 +310,7 @@ def stopped(group: int, wait: float = 15) -> bool:
     return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("logger", ["mlflow", "tensorboard"])
 def test_a_logger_without_the_track_extra_names_the_extra(tmp_path, logger):
     result = run_without([logger], "src.train", f"logger={logger}", cwd=tmp_path)

@@ -229,6 +229,7 @@ def test_bad_values_are_refused_before_anything_runs(tmp_path, override, key):
     assert not (tmp_path / "never-created").exists() and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_compiled_network_trains_and_its_checkpoint_loads_everywhere(tiny_data, tmp_path, caplog, capsys):
     """model.compile=true: the first step (the compiling) is reported apart from the others, and the
     checkpoint has the uncompiled network's keys, so predict, the page and export read it unchanged."""
