@@ -156,13 +156,13 @@ def pytest_collection_modifyitems(config, items) -> None:
     that its fixtures are built once; the files that take longest start first, so that the others fill the other
     workers' time beside them. The SLURM cluster's tests are all in one file: one machine holds one such cluster
     (fixed ports, an /etc/hosts line), so two workers must not start it."""
-    elsewhere = sorted({item.nodeid.split("::")[0] for item in items if "slurm_cluster" in getattr(item, "fixturenames", ())}
+    elsewhere = sorted({item.location[0] for item in items if "slurm_cluster" in getattr(item, "fixturenames", ())}
                        - {SLURM_TESTS})
     if elsewhere:
         raise pytest.UsageError(f"the slurm_cluster fixture is used in {', '.join(elsewhere)}: its tests belong in "
                                 f"{SLURM_TESTS}, which one worker runs")
     first = {name: rank for rank, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: first.get(item.nodeid.split("::")[0], len(first)))  # stable: a file's order kept
+    items.sort(key=lambda item: first.get(item.location[0], len(first)))  # stable: a file's order kept
 
 
 # The files whose tests take longest (python -m pytest --durations=0, summed per file), longest first.

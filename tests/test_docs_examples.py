@@ -833,8 +833,8 @@ def test_summary(record_property, request):
     """How many blocks ran and how many are marked, by reason; and that every block of the pages run got one.
     Printed at the end of the session (tests/conftest.py's pytest_terminal_summary), from whichever worker ran it:
     the one that ran the pages before it (pytest-xdist's --dist loadfile)."""
-    pages_selected = any(getattr(item, "originalname", None) == "test_page_examples" for item in request.session.items)
     if not VERDICTS:
+        pages_selected = any(getattr(item, "originalname", None) == "test_page_examples" for item in request.session.items)
         assert not pages_selected, "the pages' tests ran in another worker than this one (see --dist in pyproject.toml)"
         pytest.skip("no page was run in this session (tests/test_docs_examples.py::test_page_examples)")
     blocks, reasons, missing = Counter(), Counter(), []
