@@ -156,7 +156,8 @@ def cuda_tests(prepared: Path, out: Path) -> dict:
            "MNIST_T10K_DIR": str(prepared / "data" / "mnist-digits")}
     junit = out / "junit.xml"
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pytest", "tests/test_cuda.py", "-m", "cuda", "-v", "-rs",
+    # -n 0: one process (the suite's addopts would start a worker per core, for one file on one GPU).
+    done = subprocess.run([sys.executable, "-m", "pytest", "tests/test_cuda.py", "-m", "cuda", "-n", "0", "-v", "-rs",
                            "-p", "no:cacheprovider", f"--junitxml={junit}"], cwd=ROOT, env=env, timeout=480)
     seconds = time.perf_counter() - started
     outcomes = {"pytest": f"failed: exit status {done.returncode}, no junit.xml"}
