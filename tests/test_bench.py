@@ -144,10 +144,11 @@ def test_gpu_check_rehearses_end_to_end_on_a_cpu(tmp_path):
     assert list(timings) == [("32", False), ("bf16-mixed", False), ("32", True)]
     for (precision, compiled), row in timings.items():
         assert row["returncode"] == 0 and row["images"] == 2048 and row["steps_per_epoch"] == 16
-        assert len(row["project_epochs"]) == len(row["hand_epochs"]) == 5
+        assert len(row["project_epochs"]) == len(row["hand_epochs"]) == 3  # the rehearsal's epochs
         assert (row["first_step_s"] is not None) == compiled
     table = (out / "results.md").read_text()
     assert "(a CPU rehearsal on tiny data, not GPU figures)" in table
+    assert "(2048 images), batch 128, 16 steps per epoch, 3 epochs on cpu;" in table
     for precision, compiled in timings:
         assert re.search(rf"^\| {precision} \| {str(compiled).lower()} \| \d+\.\d+ \| \d+ \| \d+\.\d+ \| \d+ \| "
                          r"\d+\.\d+ \|", table, re.M), table
