@@ -3,6 +3,8 @@ the running figures the progress bar shows, the test's confusion counts, and no 
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -76,3 +78,14 @@ def test_a_high_but_ordinary_loss_is_not_divergence():
     model = MNISTClassifier(hidden=16)
     model.train_loss.update(torch.tensor(5e3))
     model.on_save_checkpoint({})  # no error
+
+
+def test_a_nan_loss_stays_in_the_epochs_mean():
+    """A batch whose loss is NaN makes the epoch's loss NaN, as Keras shows it: a mean that left it out would print
+    a plausible val/test loss, and the divergence check would read a finite train/loss."""
+    model = MNISTClassifier(hidden=16)
+    x, y = batch()
+    model._step("val", (x, y))
+    x[0, 0] = float("nan")
+    model._step("val", (x, y))
+    assert math.isnan(model.running_metrics("val")["loss"])
