@@ -56,6 +56,9 @@ def test_the_test_confusion_counts_every_test_image_and_agrees_with_test_acc(tin
     dm.setup("test")
     # Rows are the true classes: each row holds as many images as the test set has of that class.
     assert confusion.sum(dim=1).tolist() == torch.bincount(dm.test_xy[1].argmax(dim=1), minlength=10).tolist()
+    # A second test run (a notebook's cell run again) counts its own images, not the first run's again.
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    assert torch.equal(model.test_confusion, confusion)
 
 
 @pytest.mark.parametrize("how, reason", [
