@@ -165,6 +165,9 @@ def test_validation_split_is_logged_and_the_best_epoch_is_kept(tiny_data, tmp_pa
     # epoch's val/acc, which the checkpoint's record of every epoch keeps.
     again = train(compose_train(*cfg_args, f"ckpt_path={checkpoints / 'last.ckpt'}"), tmp_path / "run")
     assert again == metric and f"test_acc: {test_acc:.4f} (best epoch 2 of 3)" in capsys.readouterr().out
+    # Its metrics.csv keeps the rows of the epochs it had trained, and holds the test's row once, the new one's.
+    assert logged(tmp_path / "run" / "metrics.csv", "val/acc") == val_acc
+    assert logged(tmp_path / "run" / "metrics.csv", "test/acc") == [pytest.approx(test_acc, abs=1e-6)]
 
 
 @pytest.mark.parametrize("name, optimizer, keras_defaults", [
