@@ -3,6 +3,8 @@ the running figures the progress bar shows, the test's confusion counts, and no 
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -54,6 +56,9 @@ def test_the_test_confusion_counts_every_test_image_and_agrees_with_test_acc(tin
     dm.setup("test")
     # Rows are the true classes: each row holds as many images as the test set has of that class.
     assert confusion.sum(dim=1).tolist() == torch.bincount(dm.test_xy[1].argmax(dim=1), minlength=10).tolist()
+    # A second test run (a notebook's cell run again) counts its own images, not the first run's again.
+    trainer.test(model, datamodule=datamodule, verbose=False)
+    assert torch.equal(model.test_confusion, confusion)
 
 
 @pytest.mark.parametrize("how, reason", [
@@ -76,3 +81,14 @@ def test_a_high_but_ordinary_loss_is_not_divergence():
     model = MNISTClassifier(hidden=16)
     model.train_loss.update(torch.tensor(5e3))
     model.on_save_checkpoint({})  # no error
+
+
+def test_a_nan_loss_stays_in_the_epochs_mean():
+    """A batch whose loss is NaN makes the epoch's loss NaN, as Keras shows it: a mean that left it out would print
+    a plausible val/test loss, and the divergence check would read a finite train/loss."""
+    model = MNISTClassifier(hidden=16)
+    x, y = batch()
+    model._step("val", (x, y))
+    x[0, 0] = float("nan")
+    model._step("val", (x, y))
+    assert math.isnan(model.running_metrics("val")["loss"])

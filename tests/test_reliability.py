@@ -330,6 +330,24 @@ def test_refusing_a_checkpoint_names_what_it_would_build_without_pytorchs_escape
     assert not any(c < " " for c in str(refused.value))
 
 
+def test_a_checkpoint_missing_a_part_is_named_in_one_line(tmp_path):
+    """A zip archive that lacks one of its tensors' records (a copy gone wrong): PyTorch's reader fails with a
+    RuntimeError, which is told as one line naming the file, not a traceback."""
+    import zipfile
+
+    whole, damaged = tmp_path / "whole.ckpt", tmp_path / "damaged.ckpt"
+    torch.save({"state_dict": {"net.0.weight": torch.zeros(3, 4)}, "hyper_parameters": {}}, whole)
+    with zipfile.ZipFile(whole) as source, zipfile.ZipFile(damaged, "w") as copy:
+        for name in source.namelist():
+            if not name.endswith("/data/0"):
+                copy.writestr(name, source.read(name))
+    with pytest.raises(UserError) as refused:
+        load_checkpoint(damaged)
+    message = str(refused.value)
+    assert message.startswith(f"ckpt_path={str(damaged)!r} is not a checkpoint this program can read (")
+    assert "data/0" in message and "\n" not in message
+
+
 def test_foreign_text_in_an_error_line_loses_escape_codes_and_control_characters():
     assert one_line("two options, \x1b[1mdo those steps\x1b[0m.\n  next\tline\x07") == "two options, do those steps. next line"
 

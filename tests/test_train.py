@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -13,9 +14,11 @@ import lightning as L
 import pytest
 import torch
 
+from src.config import validated
 from src.errors import UserError
 from src.data import MNISTDataModule
 from src.model import MNISTClassifier
+from src.network import KerasRMSprop
 from src.train import train
 from tests.conftest import ROOT, compose_config, compose_train, logged, needs, needs_fashion
 
@@ -162,6 +165,9 @@ def test_validation_split_is_logged_and_the_best_epoch_is_kept(tiny_data, tmp_pa
     # epoch's val/acc, which the checkpoint's record of every epoch keeps.
     again = train(compose_train(*cfg_args, f"ckpt_path={checkpoints / 'last.ckpt'}"), tmp_path / "run")
     assert again == metric and f"test_acc: {test_acc:.4f} (best epoch 2 of 3)" in capsys.readouterr().out
+    # Its metrics.csv keeps the rows of the epochs it had trained, and holds the test's row once, the new one's.
+    assert logged(tmp_path / "run" / "metrics.csv", "val/acc") == val_acc
+    assert logged(tmp_path / "run" / "metrics.csv", "test/acc") == [pytest.approx(test_acc, abs=1e-6)]
 
 
 @pytest.mark.parametrize("name, optimizer, keras_defaults", [
@@ -182,6 +188,24 @@ def test_adam_and_sgd_train_with_keras_defaults(tiny_data, tmp_path, name, optim
     assert {key: group[key] for key in keras_defaults} == keras_defaults
     losses = logged(tmp_path / "run" / "metrics.csv", "train/loss")
     assert len(losses) == 3 and losses[0] > losses[1] > losses[2], losses  # it learns
+
+
+@pytest.mark.parametrize("overrides, optimizer, expected", [
+    (("optimizer.lr=0.01", "optimizer.rho=0.8", "optimizer.eps=1e-5"), KerasRMSprop,
+     {"lr": 0.01, "rho": 0.8, "eps": 1e-5}),
+    (("optimizer=adam", "optimizer.lr=0.01", "optimizer.beta1=0.8", "optimizer.beta2=0.99", "optimizer.eps=1e-5"),
+     torch.optim.Adam, {"lr": 0.01, "betas": (0.8, 0.99), "eps": 1e-5}),
+    (("optimizer=sgd", "optimizer.lr=0.1", "optimizer.momentum=0.9"), torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
+])
+def test_every_optimizer_setting_of_the_config_reaches_the_optimizer(overrides, optimizer, expected):
+    """Settings away from Keras's defaults (which the test above sees) are not dropped on the way: a setting the
+    optimizer ignored would train with its default and say nothing. And a checkpoint's model builds the same one."""
+    settings = dataclasses.asdict(validated(compose_train(*overrides)).optimizer)
+    model = MNISTClassifier(hidden=8, optimizer=settings.pop("name"), **settings)
+    for built in (model.configure_optimizers(), MNISTClassifier(**model.hparams).configure_optimizers()):
+        assert type(built) is optimizer
+        (group,) = built.param_groups
+        assert {key: group[key] for key in expected} == expected
 
 
 def test_early_stopping_ends_a_run_whose_val_acc_stopped_rising_and_tests_its_best_epoch(tiny_data, tmp_path, capsys):
