@@ -159,7 +159,7 @@ def test_a_checkpoint_that_does_not_record_its_dataset_is_one_line(best_run, tmp
 def test_the_gallery_is_the_most_confidently_wrong_images_most_confident_first(best_run, tmp_path):
     run, _, _ = best_run
     [best] = (run / "checkpoints").glob("best-*.ckpt")
-    result, _ = run_evaluate(f"ckpt_path={best}", run_dir=tmp_path / "eval")
+    result, out = run_evaluate(f"ckpt_path={best}", run_dir=tmp_path / "eval")
 
     # The same from the checkpoint's weights with nothing of src: a plain forward pass over the test images.
     weights = torch.load(best, weights_only=True)["state_dict"]
@@ -170,6 +170,7 @@ def test_the_gallery_is_the_most_confidently_wrong_images_most_confident_first(b
     wrong = [i for i in range(200) if int(probabilities[i].argmax()) != labels[i]]
     expected = sorted(wrong, key=lambda i: -float(probabilities[i].max()))[:25]
     assert len(wrong) > 25
+    assert f"mnist test split: 200 images, {len(wrong)} wrong" in out.splitlines()  # all of them, not the gallery's 25
 
     assert [m["image"] for m in result.mistakes] == [f"test[{i}]" for i in expected]
     assert [m["true"] for m in result.mistakes] == [str(labels[i]) for i in expected]
