@@ -92,6 +92,10 @@ def test_evaluate_reproduces_what_a_run_without_validation_printed(plain_run, tm
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["ckpt_path"] == str(run / "checkpoints" / "last.ckpt") and metrics["split"] == "test"
     assert metrics["n"] == 200 and f"{metrics['loss']:.4f}" == loss and f"{metrics['acc']:.4f}" == acc
+    # Every field docs/evaluate.md lists, the dataset and batch size as the run recorded them.
+    assert sorted(metrics) == sorted(["ckpt_path", "split", "n", "loss", "acc", "per_class_acc", "dataset", "batch_size",
+                                      "mistakes"])
+    assert metrics["dataset"] == "mnist" and metrics["batch_size"] == 128
     _, labels = make_digits(200, seed=2)  # the test labels conftest wrote
     per_class = [metrics["per_class_acc"][str(k)] for k in range(10)]
     assert sum(a * np.sum(labels == k) for k, a in enumerate(per_class)) == pytest.approx(metrics["acc"] * 200)
