@@ -102,6 +102,18 @@ def test_evaluate_reproduces_what_a_run_without_validation_printed(plain_run, tm
     assert (tmp_path / "eval" / "confusion_matrix.png").is_file()
 
 
+def test_a_class_the_split_has_no_image_of_has_no_accuracy(plain_run, tmp_path):
+    run, _ = plain_run
+    data = write_dataset(tmp_path / "data")
+    _, labels = make_digits(200, seed=2)
+    labels[labels == 9] = 8  # no test image of class 9 left
+    write_idx(data / "t10k-labels-idx1-ubyte.gz", labels)
+    result, _ = run_evaluate(f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"data_dir={data}", "gallery=0",
+                             run_dir=tmp_path / "eval")
+    assert result.per_class_acc["9"] is None and all(result.per_class_acc[str(k)] is not None for k in range(9))
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["per_class_acc"]["9"] is None  # null, not 0
+
+
 def test_a_run_with_validation_tests_its_best_epoch_and_evaluate_reproduces_it(best_run, tmp_path):
     run, metric, printed = best_run
     val_acc = [float(row["val/acc"]) for row in val_per_epoch(run)]
