@@ -125,6 +125,19 @@ def test_several_indices_in_one_call(workdir, capsys):
         "prediction_train_3.png", "prediction_train_4.png", "prediction_train_5.png"]
 
 
+def test_a_wrong_answer_prints_the_true_label_beside_the_predicted_class(workdir, trained, capsys):
+    checkpoint = torch.load(trained, weights_only=True)
+    for key in ("net.2.weight", "net.2.bias"):  # output k's weights move to k + 1: every answer one class off
+        checkpoint["state_dict"][key] = checkpoint["state_dict"][key].roll(1, dims=0)
+    torch.save(checkpoint, workdir / "off_by_one.ckpt")
+    results = run_predict("ckpt_path=off_by_one.ckpt", "idx=[3,4,5]")
+    printed = parse(capsys.readouterr().out)
+    _, labels = make_digits(600, seed=1)
+    assert [p["label"] for p in printed] == [r.label for r in results] == labels[3:6].tolist()
+    assert [p["predicted"] for p in printed] == [int(r.probabilities.argmax()) for r in results] == [
+        (k + 1) % 10 for k in labels[3:6].tolist()]
+
+
 def test_newest_of_two_runs_is_chosen(workdir, capsys):
     first = workdir / "outputs" / "2026-01-01" / "12-00-00" / "checkpoints" / "last.ckpt"
     second = workdir / "multirun" / "2025-06-01" / "09-00-00" / "0" / "checkpoints" / "last.ckpt"
