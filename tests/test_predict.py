@@ -167,6 +167,26 @@ def test_show_without_a_display_still_saves_the_figure(workdir, capsys):
     assert result.figure.is_file() and plt.get_fignums() == []
 
 
+def test_show_keeps_every_figure_open_for_the_window(workdir, monkeypatch, capsys):
+    import matplotlib
+
+    matplotlib.use("Agg")  # never open a window from a test: the windows' call is replaced below
+    import matplotlib.pyplot as plt
+    from src import plots
+
+    shown = []
+
+    def show():  # as with a display: the figures still open are shown, then closed by the user
+        shown.append([fig.axes[1].get_title() for fig in map(plt.figure, plt.get_fignums())])
+        plt.close("all")
+        return True
+
+    monkeypatch.setattr(plots, "show_open_figures", show)
+    results = run_predict("idx=[1,2]", "show=true")
+    assert shown == [["mnist train[1]", "mnist train[2]"]] and all(r.figure.is_file() for r in results)
+    assert "no display found" not in capsys.readouterr().out
+
+
 def draw_digit(size=(300, 220), ink="black", paper="white", mode="RGB", at=(40, 30), scale=1.0) -> Image.Image:
     """A '4'-like figure drawn with a thick pen."""
     image = Image.new(mode, size, paper)
