@@ -261,6 +261,21 @@ def test_a_read_only_folder_is_one_clear_error(workdir):
     assert files_in(workdir / "read_only") == []
 
 
+def test_a_default_file_that_cannot_be_written_says_to_give_out(workdir, monkeypatch):
+    import src.export
+
+    def refuse(target, suffix):  # as the checkpoint's folder refuses files (which root's never does)
+        raise PermissionError(13, "Permission denied", str(target) + suffix)
+
+    monkeypatch.setattr(src.export, "replaced_in_one_step", refuse)
+    folder = Path("outputs/2026-01-01/12-00-00/checkpoints")
+    with pytest.raises(UserError) as error:
+        run_export("format=torchscript")
+    assert str(error.value) == (f"{folder / 'model.pt'} (the default, beside the checkpoint) cannot be written: "
+                                f"{folder} is not writable (Permission denied); give out=FILE")
+    assert files_in(workdir / folder) == ["last.ckpt"]
+
+
 def command(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "src.export", *args], cwd=cwd, env=entry_env(), capture_output=True,
                           text=True, timeout=180)
