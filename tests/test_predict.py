@@ -182,6 +182,7 @@ def test_show_keeps_every_figure_open_for_the_window(workdir, monkeypatch, capsy
         return True
 
     monkeypatch.setattr(plots, "show_open_figures", show)
+    plt.close("all")  # only this run's figures count
     results = run_predict("idx=[1,2]", "show=true")
     assert shown == [["mnist train[1]", "mnist train[2]"]] and all(r.figure.is_file() for r in results)
     assert "no display found" not in capsys.readouterr().out
