@@ -243,6 +243,22 @@ def test_the_printed_url_is_one_a_browser_on_this_machine_opens(tmp_path, any_mo
     assert capsys.readouterr().out.splitlines()[-1] == f"serving on {url} (Ctrl-C stops)"
 
 
+@pytest.mark.slow  # gradio's import alone takes seconds (the served page's tests import it anyway)
+def test_classify_called_without_a_picture_or_with_a_bad_one_is_the_callers_error(any_model, tmp_path):
+    needs_extra("app", "gradio")
+    import gradio as gr
+    from src.app import classify
+
+    for nothing in (None, {}):
+        with pytest.raises(gr.Error) as error:
+            classify(any_model, nothing)
+        assert error.value.message == "no picture given: send one image file"
+    (tmp_path / "upload-1").write_text("not an image\n")
+    with pytest.raises(gr.Error) as error:
+        classify(any_model, {"path": str(tmp_path / "upload-1"), "orig_name": "notes.png"})
+    assert error.value.message.startswith("'notes.png' is not an image Pillow can read")
+
+
 @pytest.mark.slow
 def test_without_gradio_names_the_extra(tmp_path):
     from tests.test_extras import run_without
