@@ -220,6 +220,45 @@ def test_bad_configuration_is_one_line_before_the_server_starts(tmp_path, any_mo
     assert "serving on" not in result.stdout and not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.parametrize("host, url", [("0.0.0.0", "http://127.0.0.1:7861"), ("192.0.2.7", "http://192.0.2.7:7861")])
+def test_the_printed_url_is_one_a_browser_on_this_machine_opens(tmp_path, any_model, monkeypatch, capsys, host, url):
+    """0.0.0.0 is where the page listens on every address, not an address to open: the line names 127.0.0.1."""
+    import src.app
+
+    launched = []
+
+    class Page:  # the Gradio page's part that serve() uses, without a server
+        server_port = 7861
+
+        def launch(self, **kwargs):
+            launched.append(kwargs)
+
+    needs_extra("app", "gradio")
+    for name in ("GRADIO_ANALYTICS_ENABLED", "NO_PROXY", "no_proxy"):  # serve() sets them: put back after the test
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    monkeypatch.setattr(src.app, "build_page", lambda model, served: Page())
+    save_checkpoint(any_model.net, tmp_path / "any.ckpt")
+    serve(compose_config("app", f"ckpt_path={tmp_path / 'any.ckpt'}", f"host={host}", "port=7861"), block=False)
+    assert [(k["server_name"], k["server_port"], k["share"]) for k in launched] == [(host, 7861, False)]
+    assert capsys.readouterr().out.splitlines()[-1] == f"serving on {url} (Ctrl-C stops)"
+
+
+@pytest.mark.slow  # gradio's import alone takes seconds (the served page's tests import it anyway)
+def test_classify_called_without_a_picture_or_with_a_bad_one_is_the_callers_error(any_model, tmp_path):
+    needs_extra("app", "gradio")
+    import gradio as gr
+    from src.app import classify
+
+    for nothing in (None, {}):
+        with pytest.raises(gr.Error) as error:
+            classify(any_model, nothing)
+        assert error.value.message == "no picture given: send one image file"
+    (tmp_path / "upload-1").write_text("not an image\n")
+    with pytest.raises(gr.Error) as error:
+        classify(any_model, {"path": str(tmp_path / "upload-1"), "orig_name": "notes.png"})
+    assert error.value.message.startswith("'notes.png' is not an image Pillow can read")
+
+
 @pytest.mark.slow
 def test_without_gradio_names_the_extra(tmp_path):
     from tests.test_extras import run_without

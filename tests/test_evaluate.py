@@ -92,10 +92,26 @@ def test_evaluate_reproduces_what_a_run_without_validation_printed(plain_run, tm
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["ckpt_path"] == str(run / "checkpoints" / "last.ckpt") and metrics["split"] == "test"
     assert metrics["n"] == 200 and f"{metrics['loss']:.4f}" == loss and f"{metrics['acc']:.4f}" == acc
+    # Every field docs/evaluate.md lists, the dataset and batch size as the run recorded them.
+    assert sorted(metrics) == sorted(["ckpt_path", "split", "n", "loss", "acc", "per_class_acc", "dataset", "batch_size",
+                                      "mistakes"])
+    assert metrics["dataset"] == "mnist" and metrics["batch_size"] == 128
     _, labels = make_digits(200, seed=2)  # the test labels conftest wrote
     per_class = [metrics["per_class_acc"][str(k)] for k in range(10)]
     assert sum(a * np.sum(labels == k) for k, a in enumerate(per_class)) == pytest.approx(metrics["acc"] * 200)
     assert (tmp_path / "eval" / "confusion_matrix.png").is_file()
+
+
+def test_a_class_the_split_has_no_image_of_has_no_accuracy(plain_run, tmp_path):
+    run, _ = plain_run
+    data = write_dataset(tmp_path / "data")
+    _, labels = make_digits(200, seed=2)
+    labels[labels == 9] = 8  # no test image of class 9 left
+    write_idx(data / "t10k-labels-idx1-ubyte.gz", labels)
+    result, _ = run_evaluate(f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"data_dir={data}", "gallery=0",
+                             run_dir=tmp_path / "eval")
+    assert result.per_class_acc["9"] is None and all(result.per_class_acc[str(k)] is not None for k in range(9))
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["per_class_acc"]["9"] is None  # null, not 0
 
 
 def test_a_run_with_validation_tests_its_best_epoch_and_evaluate_reproduces_it(best_run, tmp_path):
@@ -159,7 +175,7 @@ def test_a_checkpoint_that_does_not_record_its_dataset_is_one_line(best_run, tmp
 def test_the_gallery_is_the_most_confidently_wrong_images_most_confident_first(best_run, tmp_path):
     run, _, _ = best_run
     [best] = (run / "checkpoints").glob("best-*.ckpt")
-    result, _ = run_evaluate(f"ckpt_path={best}", run_dir=tmp_path / "eval")
+    result, out = run_evaluate(f"ckpt_path={best}", run_dir=tmp_path / "eval")
 
     # The same from the checkpoint's weights with nothing of src: a plain forward pass over the test images.
     weights = torch.load(best, weights_only=True)["state_dict"]
@@ -170,6 +186,7 @@ def test_the_gallery_is_the_most_confidently_wrong_images_most_confident_first(b
     wrong = [i for i in range(200) if int(probabilities[i].argmax()) != labels[i]]
     expected = sorted(wrong, key=lambda i: -float(probabilities[i].max()))[:25]
     assert len(wrong) > 25
+    assert f"mnist test split: 200 images, {len(wrong)} wrong" in out.splitlines()  # all of them, not the gallery's 25
 
     assert [m["image"] for m in result.mistakes] == [f"test[{i}]" for i in expected]
     assert [m["true"] for m in result.mistakes] == [str(labels[i]) for i in expected]

@@ -92,6 +92,10 @@ def test_onnx_model_beside_the_newest_checkpoint_agrees_with_pytorch(workdir, tr
     assert dims(probabilities) == [dims(images)[0], 10]
     metadata = {p.key: p.value for p in proto.metadata_props}
     assert metadata["dataset"] == "mnist" and json.loads(metadata["classes"]) == [str(k) for k in range(10)]
+    # and the description of the input and output that docs/export.md promises
+    assert sorted(metadata) == ["classes", "dataset", "images", "probabilities"]
+    assert metadata["images"].startswith("float32 (batch, 784): 28x28 pixels row by row in [0, 1], a light digit")
+    assert metadata["probabilities"] == "float32 (batch, 10): softmax over the classes"
 
     # Checked here too, not only by the command: any batch size, PyTorch's probabilities, the same classes.
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -114,10 +118,11 @@ def test_torchscript_model_agrees_with_pytorch(workdir, trained, capsys):
     assert "max |torch.jit.load - PyTorch|" in out and "same class for 1000/1000" in out
     assert not (trained.parent / "model.pt").exists()
 
-    extra = {"dataset": "", "classes": ""}
+    extra = {"dataset": "", "classes": "", "images": "", "probabilities": ""}
     with pytest.warns(FutureWarning, match="deprecated"):  # PyTorch 2.14 warns on TorchScript; docs/export.md says so
         loaded = torch.jit.load(str(path), _extra_files=extra)
     assert extra["dataset"] == b"mnist" and json.loads(extra["classes"]) == [str(k) for k in range(10)]
+    assert extra["images"].startswith(b"float32 (batch, 784)") and extra["probabilities"].startswith(b"float32 (batch, 10)")
     x = parity_set(trained)
     with torch.no_grad():
         for batch in (x[:1], x[:333]):
@@ -254,6 +259,21 @@ def test_a_read_only_folder_is_one_clear_error(workdir):
     finally:
         (workdir / "read_only").chmod(0o755)
     assert files_in(workdir / "read_only") == []
+
+
+def test_a_default_file_that_cannot_be_written_says_to_give_out(workdir, monkeypatch):
+    import src.export
+
+    def refuse(target, suffix):  # as the checkpoint's folder refuses files (which root's never does)
+        raise PermissionError(13, "Permission denied", str(target) + suffix)
+
+    monkeypatch.setattr(src.export, "replaced_in_one_step", refuse)
+    folder = Path("outputs/2026-01-01/12-00-00/checkpoints")
+    with pytest.raises(UserError) as error:
+        run_export("format=torchscript")
+    assert str(error.value) == (f"{folder / 'model.pt'} (the default, beside the checkpoint) cannot be written: "
+                                f"{folder} is not writable (Permission denied); give out=FILE")
+    assert files_in(workdir / folder) == ["last.ckpt"]
 
 
 def command(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -125,6 +125,19 @@ def test_several_indices_in_one_call(workdir, capsys):
         "prediction_train_3.png", "prediction_train_4.png", "prediction_train_5.png"]
 
 
+def test_a_wrong_answer_prints_the_true_label_beside_the_predicted_class(workdir, trained, capsys):
+    checkpoint = torch.load(trained, weights_only=True)
+    for key in ("net.2.weight", "net.2.bias"):  # output k's weights move to k + 1: every answer one class off
+        checkpoint["state_dict"][key] = checkpoint["state_dict"][key].roll(1, dims=0)
+    torch.save(checkpoint, workdir / "off_by_one.ckpt")
+    results = run_predict("ckpt_path=off_by_one.ckpt", "idx=[3,4,5]")
+    printed = parse(capsys.readouterr().out)
+    _, labels = make_digits(600, seed=1)
+    assert [p["label"] for p in printed] == [r.label for r in results] == labels[3:6].tolist()
+    assert [p["predicted"] for p in printed] == [int(r.probabilities.argmax()) for r in results] == [
+        (k + 1) % 10 for k in labels[3:6].tolist()]
+
+
 def test_newest_of_two_runs_is_chosen(workdir, capsys):
     first = workdir / "outputs" / "2026-01-01" / "12-00-00" / "checkpoints" / "last.ckpt"
     second = workdir / "multirun" / "2025-06-01" / "09-00-00" / "0" / "checkpoints" / "last.ckpt"
@@ -152,6 +165,27 @@ def test_show_without_a_display_still_saves_the_figure(workdir, capsys):
     [result] = run_predict("idx=1", "show=true")
     assert "no display found" in capsys.readouterr().out
     assert result.figure.is_file() and plt.get_fignums() == []
+
+
+def test_show_keeps_every_figure_open_for_the_window(workdir, monkeypatch, capsys):
+    import matplotlib
+
+    matplotlib.use("Agg")  # never open a window from a test: the windows' call is replaced below
+    import matplotlib.pyplot as plt
+    from src import plots
+
+    shown = []
+
+    def show():  # as with a display: the figures still open are shown, then closed by the user
+        shown.append([fig.axes[1].get_title() for fig in map(plt.figure, plt.get_fignums())])
+        plt.close("all")
+        return True
+
+    monkeypatch.setattr(plots, "show_open_figures", show)
+    plt.close("all")  # only this run's figures count
+    results = run_predict("idx=[1,2]", "show=true")
+    assert shown == [["mnist train[1]", "mnist train[2]"]] and all(r.figure.is_file() for r in results)
+    assert "no display found" not in capsys.readouterr().out
 
 
 def draw_digit(size=(300, 220), ink="black", paper="white", mode="RGB", at=(40, 30), scale=1.0) -> Image.Image:
