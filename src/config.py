@@ -172,6 +172,15 @@ class TrainConfig:
                f"the best epoch is chosen on val/acc, which {no_val}, or use test_ckpt=last")
         if self.early_stopping.enabled and self.data.val_size == 0:
             raise UserError(f"early_stopping.enabled=true is not valid: early stopping watches val/acc, which {no_val}")
+        _check(not (self.optimized_metric or "").startswith("val/") or self.data.val_size > 0, "optimized_metric",
+               self.optimized_metric, f"a validation metric {no_val}, or use test/acc")
+        # 0 batches (an int or a float) turns the loop off, and what the run returns and prints comes from it.
+        _check(self.data.val_size == 0 or self.trainer.limit_val_batches != 0, "trainer.limit_val_batches",
+               self.trainer.limit_val_batches, f"validation is what data.val_size={self.data.val_size} holds images out "
+               "for (val/acc, the best epoch): expected a count or fraction above 0, or data.val_size=0")
+        _check(self.trainer.limit_test_batches != 0, "trainer.limit_test_batches", self.trainer.limit_test_batches,
+               "every run ends by testing (its test_loss and test_acc line, the confusion matrix): expected a count "
+               "or fraction above 0, or null for the whole test split")
 
 
 ConfigStore.instance().store(group="schema", name="train", node=TrainConfig, package="_global_")

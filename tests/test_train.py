@@ -246,10 +246,24 @@ def test_early_stopping_ends_a_run_whose_val_acc_stopped_rising_and_tests_its_be
     ("early_stopping.patience=0", "early_stopping.patience=0 is not valid"),
     ("trainer.rendezvous_timeout_s=0", "trainer.rendezvous_timeout_s=0 is not valid: expected a whole number of "
                                        "seconds, 1 or more"),
+    ("optimized_metric=val/loss", "optimized_metric='val/loss' is not valid: a validation metric needs a validation split"),
+    ("trainer.limit_test_batches=0", "trainer.limit_test_batches=0 is not valid: every run ends by testing"),
+    ("trainer.limit_test_batches=0.0", "trainer.limit_test_batches=0.0 is not valid: every run ends by testing"),
 ])
 def test_bad_values_are_refused_before_anything_runs(tmp_path, override, key):
     with pytest.raises(UserError, match=re.escape(key)):
         train(compose_train(override, f"data.data_dir={tmp_path / 'never-created'}"), tmp_path / "run")
+    assert not (tmp_path / "never-created").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("limit", ["0", "0.0"])
+def test_validation_turned_off_with_a_validation_split_is_refused(tmp_path, limit):
+    """Without validation batches a run with data.val_size has no val/acc to return, to test the best epoch of, or
+    to stop early on: refused at once, not a KeyError once training and testing are done."""
+    with pytest.raises(UserError, match=re.escape(f"trainer.limit_val_batches={limit} is not valid: validation is "
+                                                  "what data.val_size=100 holds images out for")):
+        train(compose_train("data.val_size=100", f"trainer.limit_val_batches={limit}",
+                            f"data.data_dir={tmp_path / 'never-created'}"), tmp_path / "run")
     assert not (tmp_path / "never-created").exists() and not (tmp_path / "run").exists()
 
 
