@@ -222,6 +222,11 @@ def test_early_stopping_ends_a_run_whose_val_acc_stopped_rising_and_tests_its_be
     ("early_stopping.patience=0", "early_stopping.patience=0 is not valid"),
     ("trainer.rendezvous_timeout_s=0", "trainer.rendezvous_timeout_s=0 is not valid: expected a whole number of "
                                        "seconds, 1 or more"),
+    # Forced in with +, a key Hydra lets through would be dropped silently by OmegaConf.to_object, nested or not.
+    ("+data.bogus=1", "data.bogus is not a known key: valid keys of data are name, data_dir, batch_size, val_size, "
+                      "labels"),
+    ("+early_stopping.patiense=2", "early_stopping.patiense is not a known key: valid keys of early_stopping are "
+                                   "enabled, patience, min_delta"),
 ])
 def test_bad_values_are_refused_before_anything_runs(tmp_path, override, key):
     with pytest.raises(UserError, match=re.escape(key)):
