@@ -162,6 +162,11 @@ def test_validation_split_is_logged_and_the_best_epoch_is_kept(tiny_data, tmp_pa
     # epoch's val/acc, which the checkpoint's record of every epoch keeps.
     again = train(compose_train(*cfg_args, f"ckpt_path={checkpoints / 'last.ckpt'}"), tmp_path / "run")
     assert again == metric and f"test_acc: {test_acc:.4f} (best epoch 2 of 3)" in capsys.readouterr().out
+    # optimized_metric names what is returned instead: the tested, best epoch's val/loss
+    val_loss = logged(tmp_path / "run" / "metrics.csv", "val/loss")[best]
+    loss = train(compose_train(*cfg_args, f"ckpt_path={checkpoints / 'last.ckpt'}", "optimized_metric=val/loss"),
+                 tmp_path / "run")
+    assert loss == pytest.approx(val_loss, rel=1e-5)
 
 
 @pytest.mark.parametrize("name, optimizer, keras_defaults", [
