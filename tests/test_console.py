@@ -87,6 +87,8 @@ def test_a_run_into_a_file_reads_like_keras(tiny_data, tmp_path):
     # and its srun hint (SLURM is installed on the test machines): one process, so the run's own note is not said
     assert "GPU available" not in text and "TPU available" not in text and "srun" not in text and "SLURM" not in text
     assert "][INFO] - " not in text  # no date and logger on the console: train.log has them
+    # and each said once: Lightning's own console handler (its "INFO: ..." copy of every line) is removed
+    assert "INFO: " not in text and text.count("train images (500, 784)") == 1
     assert "limit_val_batches" not in text and "Trainer.fit" not in text  # Lightning's lines that say nothing
     assert "][INFO] - train images (500, 784)" in (run / "train.log").read_text()
     # The best checkpoint is named by its epoch as the console counts it, from 1

@@ -278,6 +278,8 @@ BAD_INPUTS = [
     (["idx=abc"], "idx='abc' is not valid: expected an image index"),
     (["idx=-1"], "idx=-1 is not valid"),
     (["idx=2.5"], "idx=2.5 is not valid"),
+    (["idx=true"], "idx=True is not valid: expected an image index"),  # a bool is an int to Python: image 1
+    (["idx=[]"], "idx=[] is not valid"),
     (["split=foo"], "split='foo' is not valid: expected one of train, test"),
     (["ckpt_path=nothing.ckpt"], "ckpt_path='nothing.ckpt' is not valid: no such file"),
     (["ckpt_path=text.ckpt"], "ckpt_path='text.ckpt' is not a checkpoint: expected a file written by python -m src.train"),

@@ -56,7 +56,9 @@ def interrupt_at_step(monkeypatch, step: int, times: int = 1) -> None:
 
 @pytest.mark.parametrize("step", [10, 14])  # after epoch 1 exactly, and in the middle of epoch 2
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_data, tmp_path, monkeypatch, capsys, step):
+    handler = signal.getsignal(signal.SIGINT)
     train(tiny_run(tiny_data), tmp_path / "straight")
+    assert signal.getsignal(signal.SIGINT) is handler  # after the run (a notebook's cell), Ctrl-C interrupts at once
     straight_out = capsys.readouterr().out
 
     with monkeypatch.context() as patch:

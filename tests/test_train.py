@@ -168,6 +168,11 @@ def test_validation_split_is_logged_and_the_best_epoch_is_kept(tiny_data, tmp_pa
     # Its metrics.csv keeps the rows of the epochs it had trained, and holds the test's row once, the new one's.
     assert logged(tmp_path / "run" / "metrics.csv", "val/acc") == val_acc
     assert logged(tmp_path / "run" / "metrics.csv", "test/acc") == [pytest.approx(test_acc, abs=1e-6)]
+    # optimized_metric names what is returned instead: the tested, best epoch's val/loss
+    val_loss = logged(tmp_path / "run" / "metrics.csv", "val/loss")[best]
+    loss = train(compose_train(*cfg_args, f"ckpt_path={checkpoints / 'last.ckpt'}", "optimized_metric=val/loss"),
+                 tmp_path / "run")
+    assert loss == pytest.approx(val_loss, rel=1e-5)
 
 
 @pytest.mark.parametrize("name, optimizer, keras_defaults", [
@@ -249,6 +254,11 @@ def test_early_stopping_ends_a_run_whose_val_acc_stopped_rising_and_tests_its_be
     ("optimized_metric=val/loss", "optimized_metric='val/loss' is not valid: a validation metric needs a validation split"),
     ("trainer.limit_test_batches=0", "trainer.limit_test_batches=0 is not valid: every run ends by testing"),
     ("trainer.limit_test_batches=0.0", "trainer.limit_test_batches=0.0 is not valid: every run ends by testing"),
+    # Forced in with +, a key Hydra lets through would be dropped silently by OmegaConf.to_object, nested or not.
+    ("+data.bogus=1", "data.bogus is not a known key: valid keys of data are name, data_dir, batch_size, val_size, "
+                      "labels"),
+    ("+early_stopping.patiense=2", "early_stopping.patiense is not a known key: valid keys of early_stopping are "
+                                   "enabled, patience, min_delta"),
 ])
 def test_bad_values_are_refused_before_anything_runs(tmp_path, override, key):
     with pytest.raises(UserError, match=re.escape(key)):
