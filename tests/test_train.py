@@ -316,7 +316,6 @@ def test_compiling_without_a_cpu_compiler_is_one_clear_error(tiny_data, tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 @pytest.mark.parametrize("args, expected", [
     (["data.data_dir=EMPTY"], r"mnist data not found in \S*empty.*train-images-idx3-ubyte.*t10k-labels-idx1-ubyte"),
     (["data.batch_size=abc"], r"data\.batch_size=abc.*Integer"),
