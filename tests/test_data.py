@@ -39,6 +39,12 @@ def test_startup_line_reports_shapes(tiny_data, caplog):
     with caplog.at_level("INFO"):
         ready_module(tiny_data)
     assert "train images (600, 784) float32, train labels (600, 10)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        ready_module(tiny_data, val_size=100)
+    # The whole line, each split's own shapes: 500 left to train, 100 held out, the 200 test images.
+    assert ("train images (500, 784) float32, train labels (500, 10), validation images (100, 784), "
+            "test images (200, 784), test labels (200, 10)") in caplog.messages
 
 
 def test_batches_keep_the_last_partial_one(tiny_data):
