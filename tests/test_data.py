@@ -47,6 +47,17 @@ def test_startup_line_reports_shapes(tiny_data, caplog):
             "test images (200, 784), test labels (200, 10)") in caplog.messages
 
 
+def test_setup_for_the_test_after_fit_reads_and_reports_once(tiny_data, caplog):
+    """Lightning calls setup("fit") for trainer.fit and setup("test") for trainer.test: the tensors of the first
+    stay (on a GPU, moved there once) and the shapes are reported once, as Keras reports them once."""
+    with caplog.at_level("INFO"):
+        dm = ready_module(tiny_data, val_size=100)
+        splits = dm.train_xy, dm.val_xy, dm.test_xy
+        dm.setup("test")
+    assert all(a is b for a, b in zip(splits, (dm.train_xy, dm.val_xy, dm.test_xy)))
+    assert sum(m.startswith("train images ") for m in caplog.messages) == 1
+
+
 def test_batches_keep_the_last_partial_one(tiny_data):
     dm = ready_module(tiny_data, batch_size=128)
     batches = list(dm.train_dataloader())
