@@ -103,8 +103,9 @@ def test_validation_split_is_seeded_and_disjoint(tiny_data):
 
 
 def test_validation_split_must_leave_training_data(tiny_data):
-    with pytest.raises(UserError, match="data.val_size=600"):
+    with pytest.raises(UserError, match="data.val_size=600") as error:
         ready_module(tiny_data, val_size=600)
+    assert str(error.value) == "data.val_size=600 is not valid: expected less than the 600 training images"
 
 
 def test_ddp_shards_are_disjoint_and_equal_in_steps(tiny_data):
