@@ -124,6 +124,17 @@ def test_local_copy_is_installed_in_torchvisions_layout(tiny_data):
     assert not [p for p in raw.iterdir() if p.name.startswith(".partial")]
 
 
+def test_the_systems_copy_is_used_when_data_dir_has_none(tmp_path, monkeypatch):
+    """Debian's dataset-fashion-mnist, here a tiny stand-in: an empty data_dir is filled from it, no download."""
+    import src.idx
+
+    assert src.idx.SYSTEM_FOLDERS["fashion_mnist"] == [Path("/usr/share/datasets/fashion-mnist")]
+    monkeypatch.setitem(src.idx.SYSTEM_FOLDERS, "fashion_mnist", [write_dataset(tmp_path / "system", n_train=60)])
+    raw = prepare_files("fashion_mnist", tmp_path / "empty")
+    assert raw == tmp_path / "empty" / "FashionMNIST" / "raw"
+    assert load_split.__wrapped__("fashion_mnist", str(raw), train=True)[0].shape == (60, 784)
+
+
 def test_plain_files_work_too(tmp_path):
     folder = write_dataset(tmp_path / "plain", gz=False)
     x, y = load_split("mnist", str(prepare_files("mnist", folder)), train=False)
