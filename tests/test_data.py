@@ -203,6 +203,9 @@ def test_no_files_and_no_network_names_folder_and_files(tmp_path):
         prepare_files("mnist", tmp_path / "empty")
     message = str(error.value)
     assert message.startswith(f"mnist data not found in {tmp_path / 'empty'} and the download failed (")
+    # torchvision's reason (here conftest's refusal), and the other folder the files may go into
+    assert "the download failed (network disabled in tests); " in message
+    assert f" or into {raw_folder('mnist', tmp_path / 'empty')}, " in message
     assert "\n" not in message and all(f in message for f in IDX_FILES)
 
 
