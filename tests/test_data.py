@@ -185,6 +185,14 @@ def test_a_damaged_source_is_named_and_leaves_nothing_half_copied(tmp_path):
     assert sorted(p.name for p in raw.iterdir()) == [".lock"]  # no file, whole or half, counts as prepared
 
 
+def test_a_data_dir_that_cannot_be_made_is_one_line_naming_it(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(DataError) as error:
+        prepare_files("mnist", tmp_path / "a-file" / "data")
+    raw = raw_folder("mnist", tmp_path / "a-file" / "data")
+    assert str(error.value) == f"cannot create the data folder {raw}: Not a directory; set data.data_dir to a writable folder"
+
+
 @pytest.mark.parametrize("name, array, message", [
     ("train-labels-idx1-ubyte.gz", np.full(600, 10, np.uint8), "has label 10, expected 0..9; replace it"),
     ("train-images-idx3-ubyte.gz", np.zeros((600, 32, 32), np.uint8), "holds images of shape (32, 32), expected (28, 28); replace it"),
