@@ -92,6 +92,18 @@ def test_huge_pictures_are_refused_before_any_work(tmp_path):
         open_picture(tmp_path / "scan.png", "image='big'")
 
 
+def test_strokes_fainter_than_min_contrast_show_no_digit():
+    """Shading on blank paper (a photo's uneven light, JPEG noise) is not taken for a digit; a faint pencil is."""
+    page = np.full((60, 60), 200, np.uint8)
+    page[20:40, 28:32] = 200 - 15  # 15 grey levels darker than the paper
+    with pytest.raises(UserError) as error:
+        prepare_picture(page, "the photo")
+    assert str(error.value) == ("the photo shows no digit: it is one flat shade "
+                                "(less than 16 grey levels between ground and strokes)")
+    page[20:40, 28:32] = 200 - 16
+    assert prepare_picture(page).max() == 1
+
+
 def test_blank_canvas_shows_nothing(any_model):
     assert sketch_ink(None) is None and sketch_ink(editor()) is None
     assert read_sketch(any_model, editor(layer())) == (None, None)
