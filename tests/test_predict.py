@@ -18,7 +18,7 @@ from src.errors import UserError
 from src.idx import load_split, prepare_files
 from src.model import MNISTClassifier
 from src.inference import CLASS_NAMES, load_model
-from src.pictures import read_image
+from src.pictures import prepare_picture, read_image
 from src.predict import predict
 from src.train import train
 from tests.conftest import (REAL_TRAIN, ROOT, compose_config, compose_train, make_digits, real_digits,
@@ -183,6 +183,18 @@ def test_own_image_is_made_like_an_mnist_digit(tmp_path):
         assert abs(float((digit * ys).sum() / digit.sum()) - 14) < 0.2
         assert abs(float((digit * xs).sum() / digit.sum()) - 14) < 0.2
     assert correlation(a, b) > 0.95  # same figure, whatever its size, colours and place
+
+
+def test_a_digit_already_at_mnists_scale_is_centred_on_its_mass():
+    """A 28x28 picture whose digit is 20 pixels tall (an MNIST digit saved as a file): one source pixel per output
+    pixel, where centring by pixel index instead of pixel centre would put the mass half a pixel off."""
+    picture = np.zeros((28, 28), np.uint8)
+    picture[3:23, 9:17] = 255
+    picture[3:8, 17:21] = 255  # a bar and a flag: the mass is not at the box's middle
+    digit = prepare_picture(picture)
+    ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    assert abs(float((digit * ys).sum() / digit.sum()) - 14) < 0.2
+    assert abs(float((digit * xs).sum() / digit.sum()) - 14) < 0.2
 
 
 def test_transparent_drawing_counts_as_ink_on_paper(tmp_path):
