@@ -92,6 +92,26 @@ def test_huge_pictures_are_refused_before_any_work(tmp_path):
         open_picture(tmp_path / "scan.png", "image='big'")
 
 
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG file that says it is width x height greyscale pixels and holds none of them: decoding it fails."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_huge_picture_is_refused_from_its_header_without_decoding_it(tmp_path):
+    """8000x8000 pixels said, none stored: the size is refused before any pixel is read (decoding would fail)."""
+    with pytest.raises(UserError) as error:
+        open_picture(png_header_only(tmp_path / "scan.png", 8000, 8000), "image='scan.png'")
+    assert str(error.value).startswith("image='scan.png' is too large to classify: 8000x8000 pixels, more than 50 million")
+
+
 def test_strokes_fainter_than_min_contrast_show_no_digit():
     """Shading on blank paper (a photo's uneven light, JPEG noise) is not taken for a digit; a faint pencil is."""
     page = np.full((60, 60), 200, np.uint8)
