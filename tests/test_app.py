@@ -110,6 +110,11 @@ def test_a_huge_picture_is_refused_from_its_header_without_decoding_it(tmp_path)
     with pytest.raises(UserError) as error:
         open_picture(png_header_only(tmp_path / "scan.png", 8000, 8000), "image='scan.png'")
     assert str(error.value).startswith("image='scan.png' is too large to classify: 8000x8000 pixels, more than 50 million")
+    # Pillow's own limit refuses 20000x20000 as it opens the file: one line too, with what to do
+    with pytest.raises(UserError) as error:
+        open_picture(png_header_only(tmp_path / "poster.png", 20000, 20000), "image='poster.png'")
+    assert str(error.value).startswith("image='poster.png' is too large to classify (")
+    assert str(error.value).endswith("; scale it down to at most 50 million pixels") and "\n" not in str(error.value)
 
 
 def test_strokes_fainter_than_min_contrast_show_no_digit():
