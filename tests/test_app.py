@@ -83,6 +83,14 @@ def test_prepare_picture_takes_arrays_and_images_alike():
     assert as_image.shape == (28, 28) and as_image.max() == 1 and as_image[0].max() == 0
 
 
+@pytest.mark.parametrize("shape", [(784,), (28, 28, 2)])
+def test_an_array_of_another_shape_is_one_line_naming_its_shape(shape):
+    """A flattened MNIST image, a grey-and-alpha pair: what shapes a picture may have, not Pillow's TypeError."""
+    with pytest.raises(UserError) as error:
+        prepare_picture(np.zeros(shape, np.uint8))
+    assert str(error.value) == f"a picture must be (H, W) or (H, W, 1|3|4) pixels, not an array of shape {shape}"
+
+
 def test_huge_pictures_are_refused_before_any_work(tmp_path):
     side = math.isqrt(MAX_PIXELS) + 1
     with pytest.raises(UserError, match=rf"the drawing is too large to classify: {side}x{side} pixels, more than 50 million"):
