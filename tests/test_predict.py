@@ -305,8 +305,10 @@ def test_data_dir_finds_the_images_of_a_checkpoint_trained_elsewhere(workdir, tr
 
 def test_no_checkpoint_says_how_to_train_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match=r"no checkpoint found.*python -m src.train"):
+    with pytest.raises(UserError, match=r"no checkpoint found.*python -m src.train") as error:
         run_predict("idx=3")
+    assert str(error.value) == (f"no checkpoint found: no last.ckpt under outputs/ or multirun/ in {tmp_path}; "
+                                "train one with `python -m src.train`, or give ckpt_path=FILE")
 
 
 @pytest.mark.slow
