@@ -286,6 +286,13 @@ def test_bad_input_is_one_clear_error(workdir, overrides, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+def test_the_loaded_network_is_on_the_device_asked_for(trained):
+    """What device=cuda gets, checked here with PyTorch's 'meta' device (tests/test_cuda.py runs it on CUDA)."""
+    model = load_model(trained, "meta")
+    assert {p.device.type for p in model.net.parameters()} == {"meta"} and not model.net.training
+    assert model.summary == f"hidden={HIDDEN}, trained on mnist" and model.classes == CLASS_NAMES["mnist"]
+
+
 def test_a_checkpoint_of_another_width_is_refused(workdir, trained):
     checkpoint = torch.load(trained, weights_only=True)
     checkpoint["hyper_parameters"]["hidden"] = HIDDEN * 2  # says one width, holds weights of another
