@@ -83,6 +83,14 @@ def test_prepare_picture_takes_arrays_and_images_alike():
     assert as_image.shape == (28, 28) and as_image.max() == 1 and as_image[0].max() == 0
 
 
+@pytest.mark.parametrize("shape", [(784,), (28, 28, 2)])
+def test_an_array_of_another_shape_is_one_line_naming_its_shape(shape):
+    """A flattened MNIST image, a grey-and-alpha pair: what shapes a picture may have, not Pillow's TypeError."""
+    with pytest.raises(UserError) as error:
+        prepare_picture(np.zeros(shape, np.uint8))
+    assert str(error.value) == f"a picture must be (H, W) or (H, W, 1|3|4) pixels, not an array of shape {shape}"
+
+
 def test_huge_pictures_are_refused_before_any_work(tmp_path):
     side = math.isqrt(MAX_PIXELS) + 1
     with pytest.raises(UserError, match=rf"the drawing is too large to classify: {side}x{side} pixels, more than 50 million"):
@@ -90,6 +98,43 @@ def test_huge_pictures_are_refused_before_any_work(tmp_path):
     Image.new("1", (10000, 10000), 1).save(tmp_path / "scan.png")  # 100 million pixels in a small file
     with pytest.raises(UserError, match=r"image='big' is too large to classify: 10000x10000 pixels"):
         open_picture(tmp_path / "scan.png", "image='big'")
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG file that says it is width x height greyscale pixels and holds none of them: decoding it fails."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_huge_picture_is_refused_from_its_header_without_decoding_it(tmp_path):
+    """8000x8000 pixels said, none stored: the size is refused before any pixel is read (decoding would fail)."""
+    with pytest.raises(UserError) as error:
+        open_picture(png_header_only(tmp_path / "scan.png", 8000, 8000), "image='scan.png'")
+    assert str(error.value).startswith("image='scan.png' is too large to classify: 8000x8000 pixels, more than 50 million")
+    # Pillow's own limit refuses 20000x20000 as it opens the file: one line too, with what to do
+    with pytest.raises(UserError) as error:
+        open_picture(png_header_only(tmp_path / "poster.png", 20000, 20000), "image='poster.png'")
+    assert str(error.value).startswith("image='poster.png' is too large to classify (")
+    assert str(error.value).endswith("; scale it down to at most 50 million pixels") and "\n" not in str(error.value)
+
+
+def test_strokes_fainter_than_min_contrast_show_no_digit():
+    """Shading on blank paper (a photo's uneven light, JPEG noise) is not taken for a digit; a faint pencil is."""
+    page = np.full((60, 60), 200, np.uint8)
+    page[20:40, 28:32] = 200 - 15  # 15 grey levels darker than the paper
+    with pytest.raises(UserError) as error:
+        prepare_picture(page, "the photo")
+    assert str(error.value) == ("the photo shows no digit: it is one flat shade "
+                                "(less than 16 grey levels between ground and strokes)")
+    page[20:40, 28:32] = 200 - 16
+    assert prepare_picture(page).max() == 1
 
 
 def test_blank_canvas_shows_nothing(any_model):

@@ -39,6 +39,23 @@ def test_startup_line_reports_shapes(tiny_data, caplog):
     with caplog.at_level("INFO"):
         ready_module(tiny_data)
     assert "train images (600, 784) float32, train labels (600, 10)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        ready_module(tiny_data, val_size=100)
+    # The whole line, each split's own shapes: 500 left to train, 100 held out, the 200 test images.
+    assert ("train images (500, 784) float32, train labels (500, 10), validation images (100, 784), "
+            "test images (200, 784), test labels (200, 10)") in caplog.messages
+
+
+def test_setup_for_the_test_after_fit_reads_and_reports_once(tiny_data, caplog):
+    """Lightning calls setup("fit") for trainer.fit and setup("test") for trainer.test: the tensors of the first
+    stay (on a GPU, moved there once) and the shapes are reported once, as Keras reports them once."""
+    with caplog.at_level("INFO"):
+        dm = ready_module(tiny_data, val_size=100)
+        splits = dm.train_xy, dm.val_xy, dm.test_xy
+        dm.setup("test")
+    assert all(a is b for a, b in zip(splits, (dm.train_xy, dm.val_xy, dm.test_xy)))
+    assert sum(m.startswith("train images ") for m in caplog.messages) == 1
 
 
 def test_batches_keep_the_last_partial_one(tiny_data):
@@ -86,8 +103,9 @@ def test_validation_split_is_seeded_and_disjoint(tiny_data):
 
 
 def test_validation_split_must_leave_training_data(tiny_data):
-    with pytest.raises(UserError, match="data.val_size=600"):
+    with pytest.raises(UserError, match="data.val_size=600") as error:
         ready_module(tiny_data, val_size=600)
+    assert str(error.value) == "data.val_size=600 is not valid: expected less than the 600 training images"
 
 
 def test_ddp_shards_are_disjoint_and_equal_in_steps(tiny_data):
@@ -104,6 +122,17 @@ def test_local_copy_is_installed_in_torchvisions_layout(tiny_data):
     assert raw == raw_folder("mnist", tiny_data) == tiny_data / "MNIST" / "raw"
     assert all((raw / f).is_file() for f in IDX_FILES)
     assert not [p for p in raw.iterdir() if p.name.startswith(".partial")]
+
+
+def test_the_systems_copy_is_used_when_data_dir_has_none(tmp_path, monkeypatch):
+    """Debian's dataset-fashion-mnist, here a tiny stand-in: an empty data_dir is filled from it, no download."""
+    import src.idx
+
+    assert src.idx.SYSTEM_FOLDERS["fashion_mnist"] == [Path("/usr/share/datasets/fashion-mnist")]
+    monkeypatch.setitem(src.idx.SYSTEM_FOLDERS, "fashion_mnist", [write_dataset(tmp_path / "system", n_train=60)])
+    raw = prepare_files("fashion_mnist", tmp_path / "empty")
+    assert raw == tmp_path / "empty" / "FashionMNIST" / "raw"
+    assert load_split.__wrapped__("fashion_mnist", str(raw), train=True)[0].shape == (60, 784)
 
 
 def test_plain_files_work_too(tmp_path):
@@ -156,6 +185,14 @@ def test_a_damaged_source_is_named_and_leaves_nothing_half_copied(tmp_path):
     assert sorted(p.name for p in raw.iterdir()) == [".lock"]  # no file, whole or half, counts as prepared
 
 
+def test_a_data_dir_that_cannot_be_made_is_one_line_naming_it(tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(DataError) as error:
+        prepare_files("mnist", tmp_path / "a-file" / "data")
+    raw = raw_folder("mnist", tmp_path / "a-file" / "data")
+    assert str(error.value) == f"cannot create the data folder {raw}: Not a directory; set data.data_dir to a writable folder"
+
+
 @pytest.mark.parametrize("name, array, message", [
     ("train-labels-idx1-ubyte.gz", np.full(600, 10, np.uint8), "has label 10, expected 0..9; replace it"),
     ("train-images-idx3-ubyte.gz", np.zeros((600, 32, 32), np.uint8), "holds images of shape (32, 32), expected (28, 28); replace it"),
@@ -174,6 +211,9 @@ def test_no_files_and_no_network_names_folder_and_files(tmp_path):
         prepare_files("mnist", tmp_path / "empty")
     message = str(error.value)
     assert message.startswith(f"mnist data not found in {tmp_path / 'empty'} and the download failed (")
+    # torchvision's reason (here conftest's refusal), and the other folder the files may go into
+    assert "the download failed (network disabled in tests); " in message
+    assert f" or into {raw_folder('mnist', tmp_path / 'empty')}, " in message
     assert "\n" not in message and all(f in message for f in IDX_FILES)
 
 

@@ -18,7 +18,7 @@ from src.errors import UserError
 from src.idx import load_split, prepare_files
 from src.model import MNISTClassifier
 from src.inference import CLASS_NAMES, load_model
-from src.pictures import read_image
+from src.pictures import prepare_picture, read_image
 from src.predict import predict
 from src.train import train
 from tests.conftest import (REAL_TRAIN, ROOT, compose_config, compose_train, make_digits, real_digits,
@@ -219,6 +219,18 @@ def test_own_image_is_made_like_an_mnist_digit(tmp_path):
     assert correlation(a, b) > 0.95  # same figure, whatever its size, colours and place
 
 
+def test_a_digit_already_at_mnists_scale_is_centred_on_its_mass():
+    """A 28x28 picture whose digit is 20 pixels tall (an MNIST digit saved as a file): one source pixel per output
+    pixel, where centring by pixel index instead of pixel centre would put the mass half a pixel off."""
+    picture = np.zeros((28, 28), np.uint8)
+    picture[3:23, 9:17] = 255
+    picture[3:8, 17:21] = 255  # a bar and a flag: the mass is not at the box's middle
+    digit = prepare_picture(picture)
+    ys, xs = torch.meshgrid(torch.arange(28.0), torch.arange(28.0), indexing="ij")
+    assert abs(float((digit * ys).sum() / digit.sum()) - 14) < 0.2
+    assert abs(float((digit * xs).sum() / digit.sum()) - 14) < 0.2
+
+
 def test_transparent_drawing_counts_as_ink_on_paper(tmp_path):
     drawing = draw_digit(ink=(0, 0, 0, 255), paper=(0, 0, 0, 0), mode="RGBA")  # black strokes, transparent ground
     drawing.save(tmp_path / "drawing.png")
@@ -310,6 +322,13 @@ def test_bad_input_is_one_clear_error(workdir, overrides, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+def test_the_loaded_network_is_on_the_device_asked_for(trained):
+    """What device=cuda gets, checked here with PyTorch's 'meta' device (tests/test_cuda.py runs it on CUDA)."""
+    model = load_model(trained, "meta")
+    assert {p.device.type for p in model.net.parameters()} == {"meta"} and not model.net.training
+    assert model.summary == f"hidden={HIDDEN}, trained on mnist" and model.classes == CLASS_NAMES["mnist"]
+
+
 def test_a_checkpoint_of_another_width_is_refused(workdir, trained):
     checkpoint = torch.load(trained, weights_only=True)
     checkpoint["hyper_parameters"]["hidden"] = HIDDEN * 2  # says one width, holds weights of another
@@ -329,8 +348,10 @@ def test_data_dir_finds_the_images_of_a_checkpoint_trained_elsewhere(workdir, tr
 
 def test_no_checkpoint_says_how_to_train_one(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match=r"no checkpoint found.*python -m src.train"):
+    with pytest.raises(UserError, match=r"no checkpoint found.*python -m src.train") as error:
         run_predict("idx=3")
+    assert str(error.value) == (f"no checkpoint found: no last.ckpt under outputs/ or multirun/ in {tmp_path}; "
+                                "train one with `python -m src.train`, or give ckpt_path=FILE")
 
 
 @pytest.mark.slow
