@@ -78,7 +78,10 @@ def test_integer_labels_train_as_one_hot_labels_do(tiny_data):
     (weights_1, test_1), (weights_2, test_2) = results.values()
     for key in weights_1:  # bit for bit, as the docs say: F.cross_entropy computes the two alike on the CPU
         assert torch.equal(weights_2[key], weights_1[key]), key
-    assert test_2 == test_1
+    # The test loss to float32's last bits: F.cross_entropy averages a batch's losses in another kernel for class
+    # indices than for one-hot rows, and on one thread (tests/conftest.py) the two sums round apart by 1e-7.
+    assert test_2["test/acc"] == test_1["test/acc"] and test_2.keys() == test_1.keys()
+    assert test_2["test/loss"] == pytest.approx(test_1["test/loss"], rel=1e-6, abs=0)
 
 
 def test_third_edition_trains_and_its_checkpoint_says_how(tiny_data, tmp_path, capsys):
