@@ -27,6 +27,7 @@ def run(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     ("src.tune", "hparams_search.pruner.bogus", "PrunerConfig", "n_startup_trials, n_warmup_steps"),
     ("src.train", "data.bogus", "DataConfig", "name, data_dir, batch_size, val_size, labels"),
 ])
+@pytest.mark.slow
 def test_an_unknown_key_gets_the_valid_keys_of_its_schema(tmp_path, module, key, schema, valid):
     result = run(module, f"{key}=1", cwd=tmp_path)
     assert (result.returncode, result.stdout) == (1, "")

@@ -84,6 +84,7 @@ def test_integer_labels_train_as_one_hot_labels_do(tiny_data):
     assert test_2["test/loss"] == pytest.approx(test_1["test/loss"], rel=1e-6, abs=0)
 
 
+@pytest.mark.slow
 def test_third_edition_trains_and_its_checkpoint_says_how(tiny_data, tmp_path, capsys):
     cfg = compose_train("experiment=dlwp3", f"data.data_dir={tiny_data}", "trainer.max_epochs=2",
                         "trainer.accelerator=cpu", "model.hidden=32")

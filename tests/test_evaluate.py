@@ -81,6 +81,7 @@ def best_run(tmp_path_factory) -> tuple[Path, float, str]:
     return root / "run", metric, printed
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_what_a_run_without_validation_printed(plain_run, tmp_path):
     run, printed = plain_run
     (loss, acc, note), = TESTED.findall(printed)
@@ -114,6 +115,7 @@ def test_a_class_the_split_has_no_image_of_has_no_accuracy(plain_run, tmp_path):
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["per_class_acc"]["9"] is None  # null, not 0
 
 
+@pytest.mark.slow
 def test_a_run_with_validation_tests_its_best_epoch_and_evaluate_reproduces_it(best_run, tmp_path):
     run, metric, printed = best_run
     val_acc = [float(row["val/acc"]) for row in val_per_epoch(run)]
@@ -132,6 +134,7 @@ def test_a_run_with_validation_tests_its_best_epoch_and_evaluate_reproduces_it(b
     assert last_loss != loss  # the printed figures are not the final weights'
 
 
+@pytest.mark.slow
 def test_split_val_scores_the_runs_own_validation_images(best_run, tmp_path):
     run, _, _ = best_run
     [best] = (run / "checkpoints").glob("best-*.ckpt")
@@ -147,6 +150,7 @@ def test_split_val_scores_the_runs_own_validation_images(best_run, tmp_path):
         assert mistake["true"] == str(labels[index])
 
 
+@pytest.mark.slow
 def test_split_val_rebuilds_the_split_from_the_checkpoints_seed_and_scores_in_its_batch_size(best_run, tmp_path):
     run, _, _ = best_run
     [best] = (run / "checkpoints").glob("best-*.ckpt")
@@ -172,6 +176,7 @@ def test_a_checkpoint_that_does_not_record_its_dataset_is_one_line(best_run, tmp
         run_evaluate(f"ckpt_path={tmp_path / 'anonymous.ckpt'}", run_dir=tmp_path / "eval")
 
 
+@pytest.mark.slow
 def test_the_gallery_is_the_most_confidently_wrong_images_most_confident_first(best_run, tmp_path):
     run, _, _ = best_run
     [best] = (run / "checkpoints").glob("best-*.ckpt")
@@ -220,6 +225,7 @@ def test_bad_input_is_one_line(plain_run, tmp_path, override, message):
     assert not (tmp_path / "eval").exists()
 
 
+@pytest.mark.slow
 def test_metrics_json_that_cannot_be_written_is_one_line_naming_it(plain_run, tmp_path):
     run, _ = plain_run
     (tmp_path / "eval" / "metrics.json").mkdir(parents=True)  # in the way of the file, as a full disk would be

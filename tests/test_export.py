@@ -64,6 +64,7 @@ def files_in(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir())
 
 
+@pytest.mark.slow
 def test_onnx_model_beside_the_newest_checkpoint_agrees_with_pytorch(workdir, trained, capsys):
     needs_extra("export", *EXPORT_EXTRA)
     import onnx
@@ -131,6 +132,7 @@ def test_torchscript_model_agrees_with_pytorch(workdir, trained, capsys):
             assert torch.equal(loaded(batch).argmax(1), expected.argmax(1))
 
 
+@pytest.mark.slow
 def test_without_the_data_parity_is_checked_on_random_images(workdir, trained, capsys):
     needs_extra("export", *EXPORT_EXTRA)
     import onnx
@@ -160,6 +162,7 @@ def test_without_the_data_parity_is_checked_on_random_images(workdir, trained, c
 
 
 @pytest.mark.parametrize("fmt, runner", [("onnx", "_run_onnx"), ("torchscript", "_run_torchscript")])
+@pytest.mark.slow
 def test_a_failed_parity_check_writes_nothing_and_keeps_the_old_file(workdir, monkeypatch, fmt, runner):
     import src.export
 

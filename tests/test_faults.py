@@ -82,6 +82,7 @@ class FillAtEpoch(L.Callback):
             fill(self.disk)
 
 
+@pytest.mark.slow
 def test_full_disk_at_a_checkpoint_keeps_the_last_good_one_which_resumes(tiny_data, tmp_path, disk):
     last = disk / "run" / "checkpoints" / "last.ckpt"
     filler = FillAtEpoch(disk, last)
@@ -308,6 +309,7 @@ def test_full_disk_at_a_tensorboard_save_is_one_line(disk):
     logger.finalize("success")
 
 
+@pytest.mark.slow
 def test_full_disk_under_mlflow_keeps_the_store_and_its_earlier_run(tiny_data, tmp_path, disk, monkeypatch, capsys):
     needs_extra("track", "mlflow")
     from mlflow import MlflowClient
@@ -359,6 +361,7 @@ def test_full_disk_as_tensorboard_takes_the_figures_keeps_its_earlier_events(tin
         assert reader.Tags()["images"] == []  # the figures are what the full disk refused
 
 
+@pytest.mark.slow
 def test_full_disk_as_mlflow_takes_the_artifacts_keeps_the_run_and_its_metrics(tiny_data, tmp_path, monkeypatch,
                                                                                capsys):
     needs_extra("track", "mlflow")
@@ -488,7 +491,7 @@ def test_a_trial_that_cannot_write_stops_the_search(tiny_data, tmp_path):
     assert [t.state.name for t in study.trials] == ["FAIL"]  # recorded, and no second trial on the full disk
 
 
-@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+@pytest.mark.parametrize("fmt", ["torchscript", pytest.param("onnx", marks=pytest.mark.slow)])
 def test_an_export_on_a_full_disk_keeps_the_earlier_model(tiny_data, tmp_path, disk, fmt):
     from src.export import FILE_NAMES, export
 

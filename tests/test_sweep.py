@@ -111,6 +111,7 @@ def test_the_summary_holds_the_tested_epochs_val_acc_and_prints_what_varied(tmp_
         "1    completed  0.7500   0.7000    best    3       12.3    model.hidden=32"]
 
 
+@pytest.mark.slow
 def test_jobs_of_one_process_read_the_data_once(tiny_data, tmp_path, monkeypatch):
     import logging
 

@@ -145,6 +145,7 @@ def test_logger_experiment_name_names_the_mlflow_experiment(tracked, tmp_path):
     logger.finalize("success")
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_its_mlflow_run(tmp_path, monkeypatch, capsys):
     needs_extra("track", "mlflow", "tensorboard")
     import torch

@@ -213,6 +213,7 @@ def test_every_optimizer_setting_of_the_config_reaches_the_optimizer(overrides, 
         assert {key: group[key] for key in expected} == expected
 
 
+@pytest.mark.slow
 def test_early_stopping_ends_a_run_whose_val_acc_stopped_rising_and_tests_its_best_epoch(tiny_data, tmp_path, capsys):
     # val/acc cannot rise above 1.0, and this easy pattern reaches it within a few epochs: from there on
     # it provably stops improving, so with a patience of 2 the run ends 2 epochs later, long before 10.
