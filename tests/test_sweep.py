@@ -427,9 +427,11 @@ def test_a_failed_job_is_recorded_as_its_row_and_handed_on_as_done_by_the_first_
 
     job = tmp_path / "sweep" / "0"
     job.mkdir(parents=True)
-    ended = failed()
-    SweepSummary().on_job_end(sweep_job_config(job), ended)
+    ended, summary = failed(), SweepSummary()
+    summary.on_job_start(sweep_job_config(job))
+    summary.on_job_end(sweep_job_config(job), ended)
     result = json.loads((job / "result.json").read_text())
+    assert isinstance(result["wall_s"], float) and 0 <= result["wall_s"] < 60  # from the job's start
     assert (result["job"], result["overrides"], result["status"], result["value"], result["metric"]) == (
         0, ["model.hidden=600"], "failed", None, "val/acc")
     assert result["error"] == "UserError: data.val_size=600 is not valid: expected less than the 600 training images"
@@ -463,8 +465,8 @@ def test_the_summary_ranks_a_loss_lowest_first_and_failed_jobs_last_and_a_failur
     with pytest.raises(SystemExit) as stopped:
         SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}}))
     assert stopped.value.code == 1
-    assert [(row["job"], row["status"]) for row in read_summary(sweep_dir)] == [
-        ("2", "completed"), ("3", "completed"), ("0", "completed"), ("1", "failed")]
+    assert [(row["job"], row["status"], row["error"]) for row in read_summary(sweep_dir)] == [
+        ("2", "completed", ""), ("3", "completed", ""), ("0", "completed", ""), ("1", "failed", "UserError: diverged")]
     printed = capsys.readouterr()
     assert "Sweep summary, best val/loss first" in printed.out and "note: ranked on the test set" not in printed.out
     assert printed.err.strip().splitlines()[-1] == (
