@@ -323,6 +323,7 @@ def test_the_search_counts_prunes_fails_names_and_reports_its_trials(tmp_path, m
     assert f"resuming study 'digits' in {study_dir}: 5 of 6 trials done" in caplog.text
     study = optuna.load_study(study_name="digits", storage=open_storage(None, study_dir))
     assert len(study.trials) == 6 and folders[5:] == ["study/trial_5"]  # one more, to 6 in all
+    assert len({json.dumps(t.params, sort_keys=True) for t in study.trials}) == 6  # each trial a point of its own
 
     lowest = tmp_path / "lowest"  # a loss is minimised
     monkeypatch.setitem(CURVES, 0, [0.3])
@@ -330,6 +331,7 @@ def test_the_search_counts_prunes_fails_names_and_reports_its_trials(tmp_path, m
          RunContext(output_dir=lowest))
     study = optuna.load_study(study_name="mnist-mlp", storage=open_storage(None, lowest))
     assert study.direction == optuna.study.StudyDirection.MINIMIZE
+    assert study.trials[0].intermediate_values == {0: pytest.approx(0.3)}  # the pruner watched val/loss
 
 
 def test_the_search_schema_stays_out_of_training_configs():
@@ -370,6 +372,11 @@ P = "hparams_search.params"
     (["hparams_search.pruner.n_startup_trials=-2"], "hparams_search.pruner.n_startup_trials=-2 is not valid: expected "
                                                     "0 or more"),
     (["hparams_search.study_name=''"], "hparams_search.study_name='' is not valid: expected a name"),
+    (["hparams_search.n_trials=0"], "hparams_search.n_trials=0 is not valid: expected 1 or more"),
+    (["hparams_search.storage=study.db"], "hparams_search.storage='study.db' is not valid: expected a database URL "
+                                          "(postgresql://USER@HOST/DB, mysql://...), or null for journal.log in the "
+                                          "study folder"),
+    (["optimized_metric=test/acc"], "optimized_metric=test/acc is not valid: the search optimises a validation metric"),
 ])
 def test_every_setting_of_the_search_is_checked_before_the_study_opens(tmp_path, overrides, message):
     needs_extra("sweep", "optuna", "optuna_integration")
