@@ -472,6 +472,30 @@ def test_a_search_database_under_a_regular_file_is_one_line(tmp_path):
     assert str(failed.value) == f"cannot write {blocker / 'study.db'}: unable to open database file"
 
 
+def test_a_search_database_locked_by_another_worker_is_not_called_a_write_failure(tmp_path):
+    """SQLite's lock, held by another worker's write, is no fault of the disk: SQLAlchemy's error is left to Optuna,
+    which retries (the creation of a trial), instead of a CannotWrite that would stop the search."""
+    needs_extra("sweep", "optuna")
+    import sqlite3
+
+    import optuna
+
+    from src.tune import database
+
+    storage = database(f"sqlite:///{tmp_path / 'study.db'}?timeout=0.1")  # SQLite waits 0.1 s for the lock
+    study_id = storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE], "mnist-mlp")
+    other_worker = sqlite3.connect(tmp_path / "study.db")
+    other_worker.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(optuna.exceptions.StorageInternalError) as failed:
+            storage.set_study_user_attr(study_id, "note", 1)
+    finally:
+        other_worker.close()
+    assert not isinstance(failed.value, CannotWrite) and "is locked" in str(failed.value.__cause__)
+    storage.set_study_user_attr(study_id, "note", 1)  # the lock gone, the same write goes through
+    assert storage.get_study_user_attrs(study_id) == {"note": 1}
+
+
 def test_a_trial_that_cannot_write_stops_the_search(tiny_data, tmp_path):
     needs_extra("sweep", "optuna", "optuna_integration")
     import optuna

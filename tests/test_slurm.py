@@ -324,6 +324,7 @@ def test_a_refused_request_is_a_failed_row_for_each_job_without_a_cluster(tmp_pa
     submitted = (bin_dir / "submitted.sh").read_text()
     assert "#SBATCH --mem=10GB" in submitted and "#SBATCH --cpus-per-task=1" in submitted
     assert "#SBATCH --array=0-1" in submitted and "wait_report" not in submitted and "grace" not in submitted
+    assert "#SBATCH --requeue" in submitted and "no-requeue" not in submitted  # hydra.launcher.requeue=true
     rows = read_summary(sweep_dir)
     assert [(row["overrides"], row["status"]) for row in rows] == [("model.hidden=8", "failed"), ("model.hidden=16", "failed")]
     assert {row["error"] for row in rows} == {

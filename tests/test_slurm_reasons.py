@@ -69,6 +69,26 @@ def test_a_request_that_does_not_fit_says_what_to_change(reason, said):
     assert cannot_start(reason, "gpu", REQUEST, gpu_cluster("idle", "mix")) == said
 
 
+@pytest.mark.parametrize("reason, request_, said", [
+    # The CPUs of a node are those of all its tasks.
+    ("PartitionConfig", {"cpus_per_task": 4, "tasks_per_node": 8, "gpus_per_node": None, "mem_gb": 8},
+     "it asks for 32 CPUs a node (hydra.launcher.cpus_per_task=4 x tasks_per_node=8) and partition gpu's nodes have at "
+     "most 16; ask for less, or choose another hydra.launcher.partition"),
+    # sinfo's memory is in MB of 1024 KB: 64000 MB is 62.5 GB, short of 63.
+    ("PartitionConfig", {"gpus_per_node": None, "mem_gb": 63},
+     "it asks for 63 GB a node (hydra.launcher.mem_gb=63) and partition gpu's nodes have at most 62.5 GB; ask for "
+     "less, or choose another hydra.launcher.partition"),
+    ("PartitionNodeLimit", {"nodes": 3}, "it asks for 3 nodes (hydra.launcher.nodes) and partition gpu has 2"),
+    ("InvalidQOS", {"qos": "high"}, "hydra.launcher.qos=high cannot be used here: set it to one of yours"),
+    ("QOSMaxMemoryPerJob", {}, "the request is outside a per-job limit of its QOS or account: change "
+                               "hydra.launcher.mem_gb=32 (sacctmgr show qos lists the limits)"),
+    ("QOSMaxNodePerJobLimit", {"nodes": 3}, "the request is outside a per-job limit of its QOS or account: change "
+                                            "hydra.launcher.nodes=3 (sacctmgr show qos lists the limits)"),
+])
+def test_a_request_that_does_not_fit_names_the_setting_that_asks_for_it(reason, request_, said):
+    assert cannot_start(reason, "gpu", {**REQUEST, **request_}, gpu_cluster("idle", "mix")) == said
+
+
 def test_sinfo_lines_are_read_per_partition_with_the_default_one_marked(monkeypatch):
     # sinfo -h -N -o "%P|%N|%t|%c|%m|%G|%l", as a GPU cluster answers (the test cluster's one line is
     # "debug*|localhost|idle|2|21694|(null)|infinite").
@@ -133,6 +153,28 @@ def test_a_job_that_failed_outside_its_task_says_what_failed_not_that_it_ended(t
                               f"Interrupted in epoch 3 after 41 steps; saved /run/last.ckpt (log: {paths.stderr})")
         last.parent.mkdir(parents=True, exist_ok=True)
         last.touch()
+
+    job.state = "OUT_OF_MEMORY"  # no line of the job's own: SLURM's last one
+    job.stderr = lambda: ("train images (600, 784)\n\nslurmstepd: error: Detected 1 oom_kill event in StepId=7.0. Some "
+                          "of the step tasks have been OOM Killed.\n\n")
+    error = _why_no_result(job, UncompletedJobError("Job 7 (task: 0) has not produced any output"), tmp_path / "0")
+    assert str(error) == ("SLURM job 7 ended OUT_OF_MEMORY without returning: slurmstepd: error: Detected 1 oom_kill "
+                          f"event in StepId=7.0. Some of the step tasks have been OOM Killed. (log: {paths.stderr})")
+
+
+def test_a_job_of_several_tasks_returns_its_first_tasks_result():
+    """Each task of a DDP job returns a JobReturn; the first task's callback turned a failure into a failed row and
+    a completed job, while the others' callbacks leave theirs failed (src/sweep.py), which Hydra's sweeper would
+    re-raise, ending the sweep without its summary."""
+    from types import SimpleNamespace
+
+    from hydra.core.utils import JobReturn, JobStatus
+
+    import hydra_plugins.keras_mnist_slurm as plugin
+
+    first, second = JobReturn(status=JobStatus.COMPLETED), JobReturn(status=JobStatus.FAILED)
+    job = SimpleNamespace(job_id="7_0", results=lambda: [first, second])
+    assert plugin.SlurmLauncher._result(None, job, ["model.hidden=8"], 0) is first
 
 def test_pending_reasons_are_read_for_the_jobs_asked_about(monkeypatch):
     """squeue -r lists each task of an array on a line of its own (without it, "12_[0-1]"); a reason may hold commas."""

@@ -324,6 +324,7 @@ def test_the_search_counts_prunes_fails_names_and_reports_its_trials(tmp_path, m
     assert f"resuming study 'digits' in {study_dir}: 5 of 6 trials done" in caplog.text
     study = optuna.load_study(study_name="digits", storage=open_storage(None, study_dir))
     assert len(study.trials) == 6 and folders[5:] == ["study/trial_5"]  # one more, to 6 in all
+    assert len({json.dumps(t.params, sort_keys=True) for t in study.trials}) == 6  # each trial a point of its own
 
     lowest = tmp_path / "lowest"  # a loss is minimised
     monkeypatch.setitem(CURVES, 0, [0.3])
@@ -331,6 +332,7 @@ def test_the_search_counts_prunes_fails_names_and_reports_its_trials(tmp_path, m
          RunContext(output_dir=lowest))
     study = optuna.load_study(study_name="mnist-mlp", storage=open_storage(None, lowest))
     assert study.direction == optuna.study.StudyDirection.MINIMIZE
+    assert study.trials[0].intermediate_values == {0: pytest.approx(0.3)}  # the pruner watched val/loss
 
 
 def test_the_search_schema_stays_out_of_training_configs():
@@ -371,6 +373,11 @@ P = "hparams_search.params"
     (["hparams_search.pruner.n_startup_trials=-2"], "hparams_search.pruner.n_startup_trials=-2 is not valid: expected "
                                                     "0 or more"),
     (["hparams_search.study_name=''"], "hparams_search.study_name='' is not valid: expected a name"),
+    (["hparams_search.n_trials=0"], "hparams_search.n_trials=0 is not valid: expected 1 or more"),
+    (["hparams_search.storage=study.db"], "hparams_search.storage='study.db' is not valid: expected a database URL "
+                                          "(postgresql://USER@HOST/DB, mysql://...), or null for journal.log in the "
+                                          "study folder"),
+    (["optimized_metric=test/acc"], "optimized_metric=test/acc is not valid: the search optimises a validation metric"),
 ])
 def test_every_setting_of_the_search_is_checked_before_the_study_opens(tmp_path, overrides, message):
     needs_extra("sweep", "optuna", "optuna_integration")
@@ -402,3 +409,83 @@ def test_ddp_in_a_local_sweep_is_refused_instead_of_restarting_the_sweep(tiny_da
     assert row["status"] == "failed" and row["error"] == (
         "UserError: trainer.strategy=ddp with several devices is not valid in a -m sweep on this machine: "
         "use hydra/launcher=slurm, or run it without -m")
+
+
+def sweep_job_config(output_dir: Path, mode=None, num: int = 0):
+    """What SweepSummary.on_job_end reads of a job's config."""
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"optimized_metric": None, "test_ckpt": None, "data": {"val_size": 100}, "hydra": {
+        "mode": mode or RunMode.MULTIRUN, "job": {"num": num}, "overrides": {"task": ["model.hidden=600"]},
+        "runtime": {"output_dir": str(output_dir)}}})
+
+
+def test_a_failed_job_is_recorded_as_its_row_and_handed_on_as_done_by_the_first_task_of_a_sweep_only(
+        tmp_path, monkeypatch):
+    from hydra.core.utils import JobReturn, JobStatus
+    from hydra.types import RunMode
+
+    from src.errors import UserError
+    from src.sweep import SweepSummary
+
+    def failed() -> JobReturn:
+        return JobReturn(status=JobStatus.FAILED, _return_value=UserError("data.val_size=600 is not valid: expected "
+                                                                          "less than the 600 training images"))
+
+    job = tmp_path / "sweep" / "0"
+    job.mkdir(parents=True)
+    ended, summary = failed(), SweepSummary()
+    summary.on_job_start(sweep_job_config(job))
+    summary.on_job_end(sweep_job_config(job), ended)
+    result = json.loads((job / "result.json").read_text())
+    assert isinstance(result["wall_s"], float) and 0 <= result["wall_s"] < 60  # from the job's start
+    assert (result["job"], result["overrides"], result["status"], result["value"], result["metric"]) == (
+        0, ["model.hidden=600"], "failed", None, "val/acc")
+    assert result["error"] == "UserError: data.val_size=600 is not valid: expected less than the 600 training images"
+    # Done, as far as Hydra's sweeper knows: it would re-raise the first failure and skip the summary.
+    assert ended.status == JobStatus.COMPLETED and math.isnan(ended.return_value)
+
+    other_task = tmp_path / "other_task"
+    other_task.mkdir()
+    monkeypatch.setenv("SLURM_PROCID", "1")  # the second DDP process of a SLURM job: the first speaks for the job
+    SweepSummary().on_job_end(sweep_job_config(other_task), failed())
+    monkeypatch.delenv("SLURM_PROCID")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    ended = failed()  # a run of its own (no -m): its failure stays one, for its exit status
+    SweepSummary().on_job_end(sweep_job_config(run_dir, mode=RunMode.RUN), ended)
+    assert ended.status == JobStatus.FAILED
+    assert list(other_task.iterdir()) == list(run_dir.iterdir()) == []
+
+
+def test_the_summary_ranks_a_loss_lowest_first_and_failed_jobs_last_and_a_failure_exits_1(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from src.sweep import SweepSummary
+
+    sweep_dir = tmp_path / "sweep"
+    for job, value, error in ((0, 0.4, ""), (1, None, "UserError: diverged"), (2, 0.2, ""), (3, 0.3, "")):
+        (sweep_dir / str(job)).mkdir(parents=True)
+        (sweep_dir / str(job) / "result.json").write_text(json.dumps({
+            "job": job, "overrides": ["trainer.max_epochs=1"], "status": "failed" if error else "completed",
+            "metric": "val/loss", "tested": "best", "value": value, "wall_s": 1.0, "error": error}))
+    with pytest.raises(SystemExit) as stopped:
+        SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}}))
+    assert stopped.value.code == 1
+    assert [(row["job"], row["status"], row["error"]) for row in read_summary(sweep_dir)] == [
+        ("2", "completed", ""), ("3", "completed", ""), ("0", "completed", ""), ("1", "failed", "UserError: diverged")]
+    printed = capsys.readouterr()
+    assert "Sweep summary, best val/loss first" in printed.out and "note: ranked on the test set" not in printed.out
+    assert printed.err.strip().splitlines()[-1] == (
+        f"error: 1 of 4 jobs failed; their errors are in {sweep_dir / 'summary.csv'}")
+
+    for job in (1, 2):  # ranked on the test set: said, and nothing failed, so no exit
+        (sweep_dir / str(job) / "result.json").write_text(json.dumps({
+            "job": job, "overrides": [], "status": "completed", "metric": "test/acc", "tested": "last",
+            "value": job / 10, "wall_s": 1.0, "error": ""}))
+    for job in (0, 3):
+        (sweep_dir / str(job) / "result.json").unlink()
+    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep_dir)}}}))
+    assert [row["job"] for row in read_summary(sweep_dir)] == ["2", "1"]
+    assert "note: ranked on the test set; choose hyperparameters on a validation split" in capsys.readouterr().out
