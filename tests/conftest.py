@@ -290,6 +290,24 @@ def compose_train(*overrides: str):
 
 
 @pytest.fixture(autouse=True)
+def _optuna_logs_to_this_tests_stderr():
+    """Optuna makes its log handler once per process, when it is first imported, on the sys.stderr of that moment:
+    in a test with capsys, a stream closed when that test ends, after which every line Optuna logs would be a
+    `--- Logging error ---` traceback in the tests that come after it in the same process. Each test points the
+    handler at the stderr it runs with."""
+    import logging
+    import sys
+
+    if "optuna" in sys.modules:
+        for handler in logging.getLogger("optuna").handlers:
+            if type(handler) is logging.StreamHandler:
+                with handler.lock:  # not setStream(), which would flush the closed stream first
+                    handler.stream = sys.stderr
+                if hasattr(handler.formatter, "stream"):  # colorlog's formatter, which asks its stream isatty()
+                    handler.formatter.stream = sys.stderr
+
+
+@pytest.fixture(autouse=True)
 def _no_download(monkeypatch):
     """Tests never touch the network: torchvision's download reports failure at once."""
     import torchvision.datasets.utils as tv_utils
