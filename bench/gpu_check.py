@@ -185,8 +185,8 @@ def timings(data: Path, cpu: bool) -> list[dict]:
             if not cpu:  # each compiled variant compiles from nothing: what a first run costs
                 env["TORCHINDUCTOR_CACHE_DIR"] = str(Path(tmp) / "inductor")
             figures_file = Path(tmp) / "figures.json"
-            command = [sys.executable, "bench/speed.py", "--mode", "device", "--data", str(data),
-                       "--precision", precision, "--epochs", str(CPU_EPOCHS if cpu else EPOCHS), "--hidden", "32" if cpu else "512",
+            command = [sys.executable, "bench/speed.py", "--mode", "device", "--data", str(data), "--precision",
+                       precision, "--epochs", str(CPU_EPOCHS if cpu else EPOCHS), "--hidden", "32" if cpu else "512",
                        "--json", str(figures_file)] + (["--compile"] if compiled else [])
             print(f"\n+ {' '.join(command)}", flush=True)
             started = time.perf_counter()
@@ -232,7 +232,8 @@ def markdown(results: dict) -> str:
     rows = [r for r in results["timings"] if r["returncode"] == 0]
     first = rows[0] if rows else {}
     lines += ["", f"**Timings**: {'tiny Fashion-MNIST' if cpu else 'Fashion-MNIST'} ({first.get('images', '?')} images), "
-              f"batch {BATCH}, {first.get('steps_per_epoch', '?')} steps per epoch, {CPU_EPOCHS if cpu else EPOCHS} epochs on "
+              f"batch {BATCH}, {first.get('steps_per_epoch', '?')} steps per epoch, "
+              f"{CPU_EPOCHS if cpu else EPOCHS} epochs on "
               f"{first.get('device', '?')}; each of the project's epochs (`src.train.train`: bar, metrics, "
               "checkpoints) followed by one of a hand-written loop on the same tensors; medians without the "
               f"first epoch. Goal: project / hand-written <= {GOAL_RATIO}; moonshot: {MOONSHOT:,} steps/s.", "",
