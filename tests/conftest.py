@@ -10,8 +10,8 @@ from pathlib import Path
 
 # One thread of torch's in each of the suite's processes (this one, pytest-xdist's other workers, every subprocess,
 # which inherit it): the tests' networks are tiny, and with torch's default of a thread per core in each, the
-# workers and their subprocesses would take turns on the cores (the tests ran 10-25 % faster so). A value set
-# before pytest starts is kept.
+# workers and their subprocesses would take turns on the cores (the tests ran 10-25 % faster so, the docs' tiny
+# trainings 2 to 6 times). A value set before pytest starts is kept.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402

@@ -103,9 +103,6 @@ ONLY_WHERE = [
     (r"device=cuda\b", lambda: not cuda_available(), "shows what a machine without CUDA says"),
 ]
 
-THREADS = 1  # torch's, for the in-process runs and the processes: the 2 shared cores of the build machine
-# ran the pages' tiny trainings 2 to 6 times faster so than with torch's default of one thread per core
-
 
 def cuda_available() -> bool:
     import torch
@@ -430,7 +427,7 @@ class PageRun:
         if how == "processes" and not into:
             return self.in_background(step, text, [sys.executable, *words[1:]], env, shown)
         if how == "processes":
-            outcome = self.subprocess([sys.executable, *words[1:]], entry_env(**env, OMP_NUM_THREADS=str(THREADS)))
+            outcome = self.subprocess([sys.executable, *words[1:]], entry_env(**env))
         elif how == "exec":
             outcome = exec_in_process(words[2], self.cwd, env)
         else:
@@ -459,7 +456,7 @@ class PageRun:
                       cwd: Path | None = None) -> None:
         """A command of processes of its own, run while the page goes on (one such at a time, the next
         started when it ends), so that they use the second core; judged when the page ends (done())."""
-        env = entry_env(**env, OMP_NUM_THREADS=str(THREADS))  # now: the page's own runs change os.environ
+        env = entry_env(**env)  # now: the page's own runs change os.environ
         self.background.append((step, text, shown, self.pool.submit(self.subprocess, argv, env, cwd)))
 
     def done(self) -> list[str]:
@@ -506,8 +503,7 @@ class PageRun:
         argv = [sys.executable, *words[1:]] if words[0] == "python" else [str(Path(sys.executable).parent / words[0]),
                                                                           *words[1:]]
         log = self.cwd / f"server-{len(self.servers)}.log"
-        extra = {"JUPYTER_RUNTIME_DIR": str(self.cwd / ".jupyter"), "JUPYTER_CONFIG_DIR": str(self.cwd / ".jupyter"),
-                 "OMP_NUM_THREADS": str(THREADS)}
+        extra = {"JUPYTER_RUNTIME_DIR": str(self.cwd / ".jupyter"), "JUPYTER_CONFIG_DIR": str(self.cwd / ".jupyter")}
         with log.open("w") as out:
             process = subprocess.Popen(argv, cwd=ROOT if once else self.cwd, env=entry_env(**env, **extra),
                                        stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -643,14 +639,11 @@ def in_folder(folder: Path):
 def as_a_new_process(env: dict, printed: io.StringIO):
     """What a `python ...` process would start with: its environment (`env` added, no HYDRA_FULL_ERROR unless
     given), Python's own warning filters (each warning shown once per command, to its stderr), a fresh Hydra."""
-    import torch
     from hydra.core.global_hydra import GlobalHydra
 
     saved_env, saved_handlers, saved_level = dict(os.environ), logging.root.handlers[:], logging.root.level
     os.environ.pop("HYDRA_FULL_ERROR", None)
     os.environ.update(env)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
     GlobalHydra.instance().clear()
 
     def show(message, category, filename, lineno, file=None, line=None):
@@ -670,7 +663,6 @@ def as_a_new_process(env: dict, printed: io.StringIO):
         logging.root.handlers[:] = saved_handlers
         logging.root.setLevel(saved_level)
         GlobalHydra.instance().clear()
-        torch.set_num_threads(threads)
         os.environ.clear()
         os.environ.update(saved_env)
 
