@@ -123,19 +123,53 @@ os.replace = replace
 """
 
 
+def with_site(env: dict, cwd: Path, name: str, code: str) -> dict:
+    """`env` with a sitecustomize of `code` first on PYTHONPATH (in cwd/NAME): Python runs it as it starts."""
+    site = cwd / name
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(code)
+    return {**env, "PYTHONPATH": os.pathsep.join([str(site), env["PYTHONPATH"]])}
+
+
 def start_paused(args: list[str], cwd: Path, after: str) -> tuple[subprocess.Popen, Path]:
     """`python ARGS` in `cwd`, pausing once it has put its first file named `after` in place (PAUSE_SITE); and
     the file it writes then. Create that file's sibling `NAME.go`, or send SIGINT, to let it go on."""
     import sys
 
-    site, paused = cwd / "pause-site", cwd / "paused"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(PAUSE_SITE)
-    env = entry_env(PAUSED_FILE=str(paused), PAUSE_AFTER=after)
-    env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
+    paused = cwd / "paused"
+    env = with_site(entry_env(PAUSED_FILE=str(paused), PAUSE_AFTER=after), cwd, "pause-site", PAUSE_SITE)
     process = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_as_in_a_terminal)
     return process, paused
+
+
+# A sitecustomize for processes that must all be under way before any goes past a point: once one has put the
+# file named MEET_AFTER in place for the first time, it leaves a file of its own in MEET_DIR and waits until
+# MEET_DIR holds MEET_COUNT of them. (Search workers sharing a study: each has a trial under way before any of
+# them takes another, so that every worker runs trials, however late the machine's load lets one start.)
+MEET_SITE = """
+import os, time
+_replace, _met = os.replace, []
+
+def replace(src, dst, *args, **kwargs):
+    _replace(src, dst, *args, **kwargs)
+    if os.path.basename(str(dst)) == os.environ["MEET_AFTER"] and not _met:
+        _met.append(True)
+        folder = os.environ["MEET_DIR"]
+        open(os.path.join(folder, str(os.getpid())), "w").close()
+        while len(os.listdir(folder)) < int(os.environ["MEET_COUNT"]):
+            time.sleep(0.05)
+
+os.replace = replace
+"""
+
+
+def meeting(env: dict, cwd: Path, count: int, after: str) -> dict:
+    """`env` for `count` processes that wait for one another once each has put its first `after` in place."""
+    folder = cwd / "met"
+    folder.mkdir()
+    env = {**env, "MEET_DIR": str(folder), "MEET_COUNT": str(count), "MEET_AFTER": after}
+    return with_site(env, cwd, "meet-site", MEET_SITE)
 
 
 def wait_for(path: Path, process, timeout: float = 300) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import entry_env, logged, needs_extra
+from tests.conftest import entry_env, logged, meeting, needs_extra
 from tests.test_console import check_epoch_lines
 from tests.test_sweep import completed_jobs, read_summary, run
 
@@ -367,8 +367,10 @@ def test_optuna_workers_share_one_study_locally_and_it_resumes(tiny_data, tmp_pa
     study_dir = tmp_path / "study"
     args = command("src.tune", f"data.data_dir={tiny_data}", *SEARCH, "hparams_search.n_trials=5",
                    f"hydra.run.dir={study_dir}")
-    workers = [subprocess.Popen(args, cwd=tmp_path, env=entry_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True) for _ in range(2)]
+    # Each worker has a trial under way (its first epoch saved) before either takes another: both run trials.
+    env = meeting(entry_env(), tmp_path, 2, after="last.ckpt")
+    workers = [subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(2)]
     outputs = [worker.communicate(timeout=300) for worker in workers]
     for worker, (out, err) in zip(workers, outputs):
         assert worker.returncode == 0, err[-3000:]
@@ -385,6 +387,9 @@ def test_optuna_workers_share_one_study_locally_and_it_resumes(tiny_data, tmp_pa
 
 def test_optuna_workers_as_slurm_jobs_share_one_study(slurm_cluster, tiny_data, tmp_path):
     env, study_dir = environment(slurm_cluster), tmp_path / "study"
+    # sbatch passes the environment on: each worker has a trial under way before either takes another (without
+    # this, a worker that SLURM starts a few seconds after the other found all 4 trials taken, now and then).
+    env = meeting(env, tmp_path, 2, after="last.ckpt")
     tune = " ".join(command("src.tune", f"data.data_dir={tiny_data}", *SEARCH, "hparams_search.n_trials=4",
                             f"hydra.run.dir={study_dir}"))
     # docs/slurm.md's command for a cluster, with what this one has: a whole node each, so one worker a node.
