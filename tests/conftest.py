@@ -92,43 +92,52 @@ def ctrl_c_as_in_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-# A sitecustomize for a process that a test stops or disturbs at a known point: once the run has put the file
-# named PAUSE_AFTER in place for the first time (src/atomic.py renames every file it writes there with
-# os.replace), it writes PAUSED_FILE and waits until SIGINT comes (then goes on with it, as a Ctrl-C at that
-# point) or until the test creates PAUSED_FILE.go. So a signal or a full disk comes between two known writes,
-# whatever the load of the machine.
-PAUSE_SITE = """
-import os, signal, time
-_replace, _paused = os.replace, []
+# A test's sitecustomize acts at a known point of the process it is put into: the first time the process puts a
+# file named SITE_AFTER in place (src/atomic.py renames every file it writes there with os.replace), it calls the
+# site's at_the_point(), then goes on. So what a test does comes between two known writes, whatever the load.
+AFTER_FIRST_PUT = """
+_replace, _reached = os.replace, []
 
 def replace(src, dst, *args, **kwargs):
     _replace(src, dst, *args, **kwargs)
-    if os.path.basename(str(dst)) == os.environ["PAUSE_AFTER"] and not _paused:
-        _paused.append(True)
-        handler, heard = signal.getsignal(signal.SIGINT), []
-
-        def hear(signum, frame):
-            heard.append(signum)
-            signal.signal(signal.SIGINT, handler)
-            handler(signum, frame)
-
-        signal.signal(signal.SIGINT, hear)
-        paused = os.environ["PAUSED_FILE"]
-        open(paused, "w").close()
-        while not heard and not os.path.exists(paused + ".go"):
-            time.sleep(0.01)
-        signal.signal(signal.SIGINT, handler)
+    if os.path.basename(str(dst)) == os.environ["SITE_AFTER"] and not _reached:
+        _reached.append(True)
+        at_the_point()
 
 os.replace = replace
 """
 
 
-def with_site(env: dict, cwd: Path, name: str, code: str) -> dict:
-    """`env` with a sitecustomize of `code` first on PYTHONPATH (in cwd/NAME): Python runs it as it starts."""
+def with_site(env: dict, cwd: Path, name: str, code: str, after: str) -> dict:
+    """`env` with a sitecustomize (in cwd/NAME, first on PYTHONPATH: Python runs it as it starts) whose
+    at_the_point(), defined by `code`, runs once the process has put its first file named `after` in place."""
     site = cwd / name
     site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(code)
-    return {**env, "PYTHONPATH": os.pathsep.join([str(site), env["PYTHONPATH"]])}
+    (site / "sitecustomize.py").write_text(code + AFTER_FIRST_PUT)
+    return {**env, "SITE_AFTER": after, "PYTHONPATH": os.pathsep.join([str(site), env["PYTHONPATH"]])}
+
+
+# For a process that a test stops or disturbs at that point: it writes PAUSED_FILE and waits until SIGINT comes
+# (then goes on with it, as a Ctrl-C at that point) or until the test creates PAUSED_FILE.go. So a signal or a
+# full disk comes between two known writes.
+PAUSE_SITE = """
+import os, signal, time
+
+def at_the_point():
+    handler, heard = signal.getsignal(signal.SIGINT), []
+
+    def hear(signum, frame):
+        heard.append(signum)
+        signal.signal(signal.SIGINT, handler)
+        handler(signum, frame)
+
+    signal.signal(signal.SIGINT, hear)
+    paused = os.environ["PAUSED_FILE"]
+    open(paused, "w").close()
+    while not heard and not os.path.exists(paused + ".go"):
+        time.sleep(0.01)
+    signal.signal(signal.SIGINT, handler)
+"""
 
 
 def start_paused(args: list[str], cwd: Path, after: str) -> tuple[subprocess.Popen, Path]:
@@ -137,30 +146,23 @@ def start_paused(args: list[str], cwd: Path, after: str) -> tuple[subprocess.Pop
     import sys
 
     paused = cwd / "paused"
-    env = with_site(entry_env(PAUSED_FILE=str(paused), PAUSE_AFTER=after), cwd, "pause-site", PAUSE_SITE)
+    env = with_site(entry_env(PAUSED_FILE=str(paused)), cwd, "pause-site", PAUSE_SITE, after)
     process = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_as_in_a_terminal)
     return process, paused
 
 
-# A sitecustomize for processes that must all be under way before any goes past a point: once one has put the
-# file named MEET_AFTER in place for the first time, it leaves a file of its own in MEET_DIR and waits until
-# MEET_DIR holds MEET_COUNT of them. (Search workers sharing a study: each has a trial under way before any of
-# them takes another, so that every worker runs trials, however late the machine's load lets one start.)
+# For processes that must all be under way before any goes past that point: each leaves a file of its own in
+# MEET_DIR and waits until MEET_DIR holds MEET_COUNT of them. (Search workers sharing a study: each has a trial
+# under way before any of them takes another, so that every worker runs trials, however late one starts.)
 MEET_SITE = """
 import os, time
-_replace, _met = os.replace, []
 
-def replace(src, dst, *args, **kwargs):
-    _replace(src, dst, *args, **kwargs)
-    if os.path.basename(str(dst)) == os.environ["MEET_AFTER"] and not _met:
-        _met.append(True)
-        folder = os.environ["MEET_DIR"]
-        open(os.path.join(folder, str(os.getpid())), "w").close()
-        while len(os.listdir(folder)) < int(os.environ["MEET_COUNT"]):
-            time.sleep(0.05)
-
-os.replace = replace
+def at_the_point():
+    folder = os.environ["MEET_DIR"]
+    open(os.path.join(folder, str(os.getpid())), "w").close()
+    while len(os.listdir(folder)) < int(os.environ["MEET_COUNT"]):
+        time.sleep(0.05)
 """
 
 
@@ -168,8 +170,7 @@ def meeting(env: dict, cwd: Path, count: int, after: str) -> dict:
     """`env` for `count` processes that wait for one another once each has put its first `after` in place."""
     folder = cwd / "met"
     folder.mkdir()
-    env = {**env, "MEET_DIR": str(folder), "MEET_COUNT": str(count), "MEET_AFTER": after}
-    return with_site(env, cwd, "meet-site", MEET_SITE)
+    return with_site({**env, "MEET_DIR": str(folder), "MEET_COUNT": str(count)}, cwd, "meet-site", MEET_SITE, after)
 
 
 def wait_for(path: Path, process, timeout: float = 300) -> None:
