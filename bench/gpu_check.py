@@ -26,12 +26,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from speed import FASHION, fashion_folder  # noqa: E402
 
 # What the GPU host's Python lacks (it has torch, lightning, torchmetrics, torchvision, matplotlib, onnx,
 # onnxruntime, onnxscript, pytest, PyYAML and packaging): hydra-core and what it needs. All three are
 # pure Python; antlr4-python3-runtime is published only as a source archive, so `pip wheel` builds it.
 WHEELS = ("hydra-core", "omegaconf", "antlr4-python3-runtime")
-FASHION = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 MNIST_T10K = ROOT.parent / "shared" / "data" / "mnist-t10k"  # MNIST's 10,000 test digits, where present
 LIMIT_MIB = 48  # what the prepared folder may take: it travels with the checkout
 EPOCHS, BATCH = 5, 128
@@ -109,20 +110,6 @@ def prepare(folder: Path) -> None:
     print(f"{total:8.2f} MiB  in all ({source})")
     if total > LIMIT_MIB:
         sys.exit(f"error: {folder} holds {total:.1f} MiB, more than the {LIMIT_MIB} MiB it may take")
-
-
-def timing_data(source: Path, folder: Path, images: tuple[int, int] | None = None) -> Path:
-    """A data folder holding Fashion-MNIST as the data module leaves it (FashionMNIST/raw, unpacked), so that
-    every timed process finds it ready; `images`: only the first (training, test) images."""
-    from src.offline_digits import read_idx, write_idx
-
-    raw = folder / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    for prefix, n in zip(("train", "t10k"), images or (None, None)):
-        for kind in ("images-idx3", "labels-idx1"):
-            name = f"{prefix}-{kind}-ubyte"
-            write_idx(raw / name, read_idx(source / f"{name}.gz")[:n])
-    return folder
 
 
 def host() -> dict:
@@ -272,7 +259,7 @@ def check(mode: str, prepared: Path, out: Path) -> int:
         return 1
     results["tests"] = cuda_tests(prepared, out)
     with tempfile.TemporaryDirectory() as tmp:
-        data = timing_data(prepared / "data" / "fashion-mnist", Path(tmp) / "data", TINY if cpu else None)
+        data = fashion_folder(Path(tmp) / "data", TINY if cpu else None, source=prepared / "data" / "fashion-mnist")
         results["timings"] = timings(data, cpu)
     picked = {r["accelerator"] for r in results["timings"] if r["returncode"] == 0}
     results["host"]["accelerator=auto"] = ", ".join(sorted(picked)) or "unknown: no timing ran"

@@ -5,7 +5,8 @@
     python bench/speed.py --mode process  # whole `python -m src.train` runs against bench/plain_train.py,
                                           # then the start-up and exit of what each imports, in a venv
                                           # holding only the project's base dependencies (.benchmarks/base-venv)
-    python bench/speed.py --quick         # a few seconds, on generated data (what the test runs)
+    python bench/speed.py --quick         # a few seconds, on generated data (what the test runs; with
+                                          # --mode process, 1 epoch on the first 12,000 Fashion-MNIST images)
     python bench/speed.py --mode device --precision bf16-mixed --compile
                                           # the project's real run on accelerator=auto (a GPU), data on the
                                           # device, alternating with a hand-written loop on the same tensors
@@ -33,6 +34,36 @@ from unittest.mock import patch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 FASHION = Path("/usr/share/datasets/fashion-mnist")
+# --quick in process mode and in bench/timeline.py: the first training and test images of Fashion-MNIST, enough
+# for every part of a whole run to show (the figures of a check that the tables are made, not of the speed)
+QUICK_IMAGES = (12000, 2000)
+
+
+def fashion_folder(folder: Path, images: tuple[int, int] | None = None, source: Path = FASHION,
+                   packed: bool = False) -> Path:
+    """A data folder holding Fashion-MNIST as the data module leaves it (FashionMNIST/raw, unpacked), so that
+    every timed process finds it ready; `images`: only the first (training, test) images. packed: the
+    files gzip'd in the folder itself, as Debian's are (what bench/keras_original.py reads)."""
+    from src.offline_digits import read_idx, write_idx
+
+    raw = folder if packed else folder / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for prefix, n in zip(("train", "t10k"), images or (None, None)):
+        for kind in ("images-idx3", "labels-idx1"):
+            name = f"{prefix}-{kind}-ubyte"
+            write_idx(raw / (name + ".gz" * packed), read_idx(source / f"{name}.gz")[:n])
+    return folder
+
+
+def whole_run_data(quick: bool, tmp: Path) -> Path:
+    """The data folder of process mode and bench/timeline.py: the full Fashion-MNIST in ROOT/data, or with
+    --quick the first QUICK_IMAGES of it in `tmp`."""
+    if quick:
+        return fashion_folder(tmp / "data", QUICK_IMAGES)
+    from src.idx import prepare_files
+
+    prepare_files("fashion_mnist", ROOT / "data")
+    return ROOT / "data"
 
 
 def tensors(quick: bool):
@@ -318,7 +349,8 @@ def peak_rss_mb(command: list[str], cwd: Path) -> tuple[float, float, str]:
 
 
 def project_command(python: str, epochs: int, run_dir: str, *overrides: str) -> list[str]:
-    """`python -m src.train data=fashion_mnist` for `epochs` epochs into run_dir, to be run in ROOT (its data/)."""
+    """`python -m src.train data=fashion_mnist` for `epochs` epochs into run_dir, to be run in ROOT (its data/
+    unless an override names another data.data_dir)."""
     return [python, "-m", "src.train", "data=fashion_mnist", f"trainer.max_epochs={epochs}", f"hydra.run.dir={run_dir}",
             *overrides]
 
@@ -332,21 +364,22 @@ def process_mode(args) -> dict:
     """Whole processes, alternating: the project's command and a plain script doing the same job."""
     if not FASHION.is_dir():
         raise SystemExit("error: --mode process needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
-    from src.idx import prepare_files
-
-    prepare_files("fashion_mnist", ROOT / "data")  # where both commands read it
     epochs = 1 if args.quick else args.epochs
     results = {"project": [], "plain": []}
     with tempfile.TemporaryDirectory() as tmp:
-        project = project_command(args.python, epochs, f"{tmp}/project")
-        plain = [args.python, str(ROOT / "bench" / "plain_train.py"), f"--epochs={epochs}", f"--out={tmp}/plain"]
-        keras = keras_command(args.keras_python, epochs, f"{tmp}/keras")
+        data = whole_run_data(args.quick, Path(tmp))  # where both commands read it
+        project = project_command(args.python, epochs, f"{tmp}/project", f"data.data_dir={data}")
+        plain = [args.python, str(ROOT / "bench" / "plain_train.py"), f"--epochs={epochs}", f"--data={data}",
+                 f"--out={tmp}/plain"]
+        keras = None
         if args.keras_python:
             results["keras"] = []
+            keras_data = fashion_folder(Path(tmp) / "packed", QUICK_IMAGES, packed=True) if args.quick else FASHION
+            keras = keras_command(args.keras_python, epochs, f"{tmp}/keras", f"--data={keras_data}")
         for _ in range(args.repeats):
             results["plain"].append(peak_rss_mb(plain, ROOT))
             results["project"].append(peak_rss_mb(project, ROOT))
-            if args.keras_python:
+            if keras:
                 results["keras"].append(peak_rss_mb(keras, ROOT))
     return results
 
@@ -378,7 +411,8 @@ def main() -> None:
     parser.add_argument("--mode", choices=("epoch", "process", "device"), default="epoch")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3, help="process mode: runs of each command")
-    parser.add_argument("--quick", action="store_true", help="small and fast: generated data, 3 epochs")
+    parser.add_argument("--quick", action="store_true", help="small and fast: generated data, 3 epochs; process "
+                        "mode: 1 epoch on the first 12,000 images of Fashion-MNIST, one run of each")
     parser.add_argument("--keras-python", help="process mode: also time the Keras original with this Python "
                         "(one that has TensorFlow)")
     parser.add_argument("--python", help="process mode: the Python that runs the project and the plain script "

@@ -1,7 +1,7 @@
 """Where a whole run's time goes, part by part: `python -m src.train data=fashion_mnist` against
 bench/plain_train.py, each in a process of its own, alternating, in the base-only venv.
 
-    python bench/timeline.py [--repeats 3] [--epochs 5] [--python PYTHON] [--keep DIR]
+    python bench/timeline.py [--repeats 3] [--epochs 5] [--python PYTHON] [--keep DIR] [--quick]
 
 Each process is started through this file (`--inside project|plain`), which notes the time since the
 process began where its parts meet and prints the notes at exit. The notes only read the clock, from
@@ -9,6 +9,7 @@ wrappers around the calls where a part begins or ends and, for the project, a Li
 The exit runs from the last figure saved until the process has ended, timed from outside. The table
 holds medians. `--keep DIR` keeps each run's folder in DIR (project0/, plain0/, ...) and its marks, with
 the clock time the process began, in DIR/marks.json: the files' times there show where the parts met.
+`--quick`: one run of each, 1 epoch, on the first 12,000 images of Fashion-MNIST (a check that it works).
 """
 
 from __future__ import annotations
@@ -112,10 +113,10 @@ def parts(marks: dict[str, float], wall: float) -> dict[str, float]:
     return {name: end - begin for name, begin, end in zip(PARTS, [0.0, *ends], ends)} | {"whole process": wall}
 
 
-def run_one(python: str, which: str, out: Path, epochs: int) -> tuple[dict[str, float], dict[str, float]]:
+def run_one(python: str, which: str, out: Path, epochs: int, data: Path) -> tuple[dict[str, float], dict[str, float]]:
     """One timed process: its parts, and its marks (seconds since it began; `began`: that moment's clock time)."""
-    arguments = (["data=fashion_mnist", f"trainer.max_epochs={epochs}", f"hydra.run.dir={out}"] if which == "project"
-                 else [f"--epochs={epochs}", f"--out={out}"])
+    arguments = (["data=fashion_mnist", f"data.data_dir={data}", f"trainer.max_epochs={epochs}", f"hydra.run.dir={out}"]
+                 if which == "project" else [f"--epochs={epochs}", f"--data={data}", f"--out={out}"])
     start = time.perf_counter()
     result = subprocess.run([python, __file__, "--inside", which, *arguments], cwd=ROOT, capture_output=True,
                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -139,24 +140,24 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--python", help="the Python of both (default: the base-only venv of bench/speed.py)")
     parser.add_argument("--keep", type=Path, help="keep the runs' folders and their marks (marks.json) here")
+    parser.add_argument("--quick", action="store_true", help="one run of each, 1 epoch, on 12,000 images")
     args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.epochs = 1, 1
     sys.path.insert(0, str(ROOT / "bench"))
-    from speed import FASHION, base_python
+    from speed import FASHION, base_python, whole_run_data
 
     if not FASHION.is_dir():
         raise SystemExit("error: bench/timeline.py needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
-    sys.path.insert(0, str(ROOT))
-    from src.idx import prepare_files
-
-    prepare_files("fashion_mnist", ROOT / "data")  # where both read it
     python = args.python or base_python()
     runs: dict[str, list[dict[str, float]]] = {"plain": [], "project": []}
     kept: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        data = whole_run_data(args.quick, Path(tmp))  # where both read it
         folder = args.keep or Path(tmp)
         for i in range(args.repeats):
             for which in runs:
-                timed, kept[f"{which}{i}"] = run_one(python, which, folder / f"{which}{i}", args.epochs)
+                timed, kept[f"{which}{i}"] = run_one(python, which, folder / f"{which}{i}", args.epochs, data)
                 runs[which].append(timed)
     if args.keep:
         (args.keep / "marks.json").write_text(json.dumps(kept, indent=1))

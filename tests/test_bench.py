@@ -17,6 +17,7 @@ from ast import literal_eval
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import ROOT, needs_fashion
 
@@ -61,7 +62,7 @@ def test_quick_process_benchmark_reports_both_processes_and_start_up():
 def test_timeline_splits_each_whole_process_into_parts_at_the_points_its_files_show(tmp_path):
     needs_fashion()
     keep = tmp_path / "runs"
-    result = subprocess.run([sys.executable, "bench/timeline.py", "--repeats", "1", "--epochs", "1", "--python",
+    result = subprocess.run([sys.executable, "bench/timeline.py", "--quick", "--python",
                              sys.executable, "--keep", str(keep)], cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -87,8 +88,10 @@ def test_timeline_splits_each_whole_process_into_parts_at_the_points_its_files_s
             assert taken["figures"] - slack <= written[figure] <= taken["figures-done"] + slack, (figure, written, taken)
         assert max(written.values()) <= taken["wall"] + slack
     assert float(rows[1][1]) == 0  # the plain script has no config
-    # Both trained for that one epoch: each part's boundaries were found.
-    assert float(rows[3][1]) > 0.3 and float(rows[3][2]) > 0.3
+    # Both trained for that one epoch (94 steps, 0.25 s or more on this 2-core machine): each part's boundaries were found.
+    assert float(rows[3][1]) > 0.1 and float(rows[3][2]) > 0.1
+    # --quick: the first 12,000 images, in batches of 128
+    assert torch.load(keep / "project0" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 94
 
 
 HIDE_HYDRA = """\"\"\"Hydra's packages hidden in the borrowed site folder: importable only from elsewhere on sys.path.\"\"\"
