@@ -78,7 +78,7 @@ def test_a_python_m_process_collects_garbage_less_often_and_not_at_exit_spins_le
     """The collector's full walks over torch's, Lightning's and Hydra's objects, while importing and at exit,
     took about 1.3 s of a whole run (bench/speed.py --mode process): `python -m src.X` skips them, at a normal
     end and after an error; and torch's waiting threads spin 1,000 times, not 300,000, before they sleep, which
-    halved the CPU a training took beside busy processes (src/__init__.py). Importing the package elsewhere (a
+    cut the CPU a training took beside busy processes to a third (src/__init__.py). Importing the package elsewhere (a
     notebook, the tests) changes nothing."""
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(AT_EXIT)
