@@ -11,10 +11,12 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from src.errors import UserError, one_line
+
+if TYPE_CHECKING:
+    import torch
 
 NET_PREFIX = "net."  # MNISTClassifier keeps the network as `net`: its weights are "net.0.weight", ...
 FIRST_LAYER = f"{NET_PREFIX}0.weight"  # (hidden, input_size): the shape that tells two models apart
@@ -28,6 +30,8 @@ def load_checkpoint(path: str | Path) -> dict:
         raise UserError(f"ckpt_path={str(path)!r} is not valid: no such file")
     if not zipfile.is_zipfile(path):  # torch.save has written zip archives since PyTorch 1.6
         raise UserError(f"ckpt_path={str(path)!r} is not a checkpoint: expected a file written by python -m src.train")
+    import torch  # here, not at the top: `python -m src.train` checks its config and fails on bad input without it
+
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -47,6 +51,8 @@ def load_checkpoint(path: str | Path) -> dict:
 
 def check_architecture(checkpoint: dict, path: str | Path, model: torch.nn.Module) -> None:
     """A checkpoint of another shape gets one line naming the difference, not a shape-mismatch traceback."""
+    import torch
+
     theirs = {k: tuple(v.shape) for k, v in checkpoint["state_dict"].items() if torch.is_tensor(v)}
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if theirs != ours:
