@@ -18,8 +18,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from omegaconf import DictConfig
 
 from src.atomic import written_whole
@@ -29,6 +29,9 @@ from src.errors import UserError
 from src.inference import check_device, chosen_checkpoint, load_model
 from src.run_context import RunContext
 from src.run_files import CONFUSION_MATRIX
+
+if TYPE_CHECKING:  # torch itself is imported where it is used: bad input is refused before that (seconds)
+    import torch
 
 
 @dataclass
@@ -115,6 +118,7 @@ def _split_images(ckpt_path: Path, data: dict, config: EvaluateConfig) -> tuple[
 
 def _score(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int):
     """Logits of every image, and loss, accuracy and confusion counts computed as src/model.py's test step does."""
+    import torch
     import torch.nn.functional as F
     from torchmetrics import MeanMetric
     from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix

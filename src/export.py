@@ -14,8 +14,8 @@ import contextlib
 import json
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from omegaconf import DictConfig
 
 from src.atomic import replaced_in_one_step, writing
@@ -25,22 +25,16 @@ from src.errors import UserError, one_line
 from src.inference import LoadedModel, chosen_checkpoint, load_model
 from src.run_context import RunContext
 
+if TYPE_CHECKING:  # torch itself is imported where it is used: bad input is refused before that (seconds)
+    import torch
+
+    from src.network import Probabilities
+
 PARITY_IMAGES = 1000  # test images the exported model must agree on
 TOLERANCE = 1e-5  # largest absolute difference allowed between exported and PyTorch probabilities
 FILE_NAMES = {"onnx": "model.onnx", "torchscript": "model.pt"}
 INPUT_NOTE = ("float32 (batch, 784): 28x28 pixels row by row in [0, 1], a light digit on a dark ground "
               "(0 = ground), centred as MNIST's digits")
-
-
-class Probabilities(torch.nn.Module):
-    """The network and its softmax: images (n, 784) in [0, 1] -> class probabilities (n, 10)."""
-
-    def __init__(self, net: torch.nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net(images).softmax(dim=1)
 
 
 def export(cfg: DictConfig) -> Path:
@@ -52,6 +46,8 @@ def export(cfg: DictConfig) -> Path:
         require("export", "format=onnx", "onnx", "onnxruntime", "onnxscript")
     ckpt_path, source = chosen_checkpoint(config.ckpt_path)
     model = load_model(ckpt_path)
+    from src.network import Probabilities
+
     target = Path(config.out) if config.out is not None else ckpt_path.parent / FILE_NAMES[config.format]
     what = f"out={config.out!r}" if config.out is not None else f"{target} (the default, beside the checkpoint)"
     if target.resolve() == ckpt_path.resolve():
@@ -105,6 +101,8 @@ def _parity_images(model: LoadedModel, config: ExportConfig) -> tuple[torch.Tens
         expected = f"the {name} test split" if name in DATASET_CLASSES else "a dataset"
         raise UserError(f"data_dir={config.data_dir!r} does not hold {expected}: the checkpoint was trained on "
                         f"{name or 'unknown data'}; leave data_dir out to check on random images")
+    import torch
+
     images = torch.rand(PARITY_IMAGES, 28 * 28, generator=torch.Generator().manual_seed(0))
     why = (f"no {name} files in {data_dir}/: give data_dir=DIR to check on the test split" if name in DATASET_CLASSES
            else "the checkpoint does not record its dataset")
@@ -118,6 +116,7 @@ def _metadata(model: LoadedModel) -> dict[str, str]:
 
 def _write_onnx(wrapped: Probabilities, model: LoadedModel, path: Path) -> str:
     import onnx
+    import torch
 
     example = torch.rand(2, 28 * 28)  # 2, not 1: torch.export would take a size of 1 for a constant
     # PyTorch's default (dynamo) exporter; the TorchScript-based one is deprecated since 2.9.
@@ -144,6 +143,7 @@ def _signature(value) -> str:
 
 def _run_onnx(path: Path, images: torch.Tensor) -> torch.Tensor:
     import onnxruntime
+    import torch
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     [probabilities] = session.run(["probabilities"], {"images": images.numpy()})
@@ -151,6 +151,8 @@ def _run_onnx(path: Path, images: torch.Tensor) -> torch.Tensor:
 
 
 def _write_torchscript(wrapped: Probabilities, model: LoadedModel, path: Path) -> str:
+    import torch
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # PyTorch marks TorchScript deprecated; docs/export.md says so
         scripted = torch.jit.script(wrapped)  # scripted, not traced: no shape is fixed by an example
@@ -161,6 +163,8 @@ def _write_torchscript(wrapped: Probabilities, model: LoadedModel, path: Path) -
 
 
 def _run_torchscript(path: Path, images: torch.Tensor) -> torch.Tensor:
+    import torch
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         loaded = torch.jit.load(str(path), map_location="cpu")

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from src.errors import UserError, one_line
 from src.run_files import LAST_CKPT, RUN_FOLDERS
+
+if TYPE_CHECKING:  # torch itself is imported where it is used: bad input is refused before that (seconds)
+    import torch
 
 
 @dataclass
@@ -34,6 +36,8 @@ class LoadedModel:
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
         """(n, 28, 28) or (n, 784) images in [0, 1] -> (n, classes) softmax probabilities, on the CPU."""
+        import torch
+
         device = next(self.net.parameters()).device
         with torch.inference_mode():
             return self.net(images.reshape(len(images), -1).to(device)).softmax(dim=1).cpu()
@@ -57,7 +61,11 @@ def chosen_checkpoint(ckpt_path: str | None) -> tuple[Path, str]:
 
 def check_device(device: str) -> None:
     """A device a model can run on here (cpu, cuda or mps), or one line saying to use the CPU."""
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if device == "cpu":  # always there: no need to import torch to ask, before the rest of the input is checked
+        return
+    import torch
+
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if not available[device]:
         raise UserError(f"device={device!r} is not available on this machine; use device=cpu")
 
@@ -65,9 +73,10 @@ def check_device(device: str) -> None:
 def load_model(path: str | Path, device: str = "cpu") -> LoadedModel:
     """The network rebuilt from the checkpoint's own hyperparameters, with its class names."""
     from src.checkpoint import architecture, data_settings, load_checkpoint, network_weights
+
+    checkpoint = load_checkpoint(path)  # a path that is no checkpoint fails here, before torch is imported
     from src.network import build_mlp
 
-    checkpoint = load_checkpoint(path)
     try:
         net = build_mlp(*architecture(checkpoint))
         net.load_state_dict(network_weights(checkpoint))

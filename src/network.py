@@ -51,6 +51,17 @@ def keras_dense_init(layer: nn.Linear) -> nn.Linear:
     return layer
 
 
+class Probabilities(nn.Module):
+    """The network and its softmax: images (n, 784) in [0, 1] -> class probabilities (n, 10), as exported."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images).softmax(dim=1)
+
+
 def build_mlp(input_size: int = 28 * 28, hidden: int = 512, num_classes: int = 10) -> nn.Sequential:
     """Dense(hidden, relu, input input_size) -> Dense(num_classes); softmax is applied at inference."""
     return nn.Sequential(

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 
 from src.errors import UserError, one_line
+
+if TYPE_CHECKING:  # torch itself is imported where it is used: bad input is refused before that (seconds)
+    import torch
 
 MIN_CONTRAST = 16  # grey levels (of 255) between ground and strokes below which a picture counts as blank
 NOISE_FLOOR = 0.2  # ink fainter than this share of the strongest stroke is paper texture, dust or blur
@@ -97,6 +101,8 @@ def prepare_picture(picture, what: str = "the picture") -> torch.Tensor:
     left, top = centre_x + pad - (CENTRE + 0.5) * scale, centre_y + pad - (CENTRE + 0.5) * scale
     frame = padded.resize((FRAME, FRAME), Image.Resampling.HAMMING,  # antialiased, no ringing beyond the box
                           box=(left, top, left + FRAME * scale, top + FRAME * scale))
+    import torch
+
     digit = torch.from_numpy(np.asarray(frame, dtype=np.float32).copy()).clamp_(min=0)
     return digit / digit.max()
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from omegaconf import DictConfig
 
 from src.cli import entry_point
@@ -19,6 +19,9 @@ from src.errors import UserError
 from src.inference import check_device, chosen_checkpoint, load_model
 from src.pictures import read_image
 from src.run_context import RunContext
+
+if TYPE_CHECKING:  # torch itself is imported where it is used: bad input is refused before that (seconds)
+    import torch
 
 ORIGINAL_IDX = 3  # the original program classifies train_images[3]
 
@@ -92,6 +95,8 @@ def _dataset_images(ckpt_path: Path, data: dict, config: PredictConfig, indices:
     if out_of_range:
         raise UserError(f"idx={out_of_range[0]} is out of range: the {config.split} split of {name} has {len(x)} "
                         f"images, so idx goes from 0 to {len(x) - 1}")
+    import torch
+
     index = torch.tensor(indices)
     return x[index].reshape(len(indices), 28, 28), y[index].argmax(dim=1).tolist()
 

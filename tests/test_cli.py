@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import entry_env, needs_extra, start_paused, wait_for
+from tests.conftest import entry_env, needs_extra, run_reporting_imports, start_paused, wait_for
 
 
 def run(module: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -33,6 +33,26 @@ def test_an_unknown_key_gets_the_valid_keys_of_its_schema(tmp_path, module, key,
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr.splitlines() == [f"error: Could not override '{key}'.; Key 'bogus' not in '{schema}'; "
                                           f"valid keys are {valid}"]
+
+
+@pytest.mark.parametrize("module, arg, expected", [
+    ("src.train", "trainer.max_epochs=-1", "trainer.max_epochs=-1 is not valid"),
+    ("src.train", "ckpt_path=missing.ckpt", "ckpt_path='missing.ckpt' is not valid: no such file"),
+    ("src.tune", "hparams_search.n_trials=0", "hparams_search.n_trials=0 is not valid"),
+    ("src.predict", "idx=abc", "idx='abc' is not valid"),
+    ("src.predict", "ckpt_path=missing.ckpt", "ckpt_path='missing.ckpt' is not valid: no such file"),
+    ("src.evaluate", "split=nope", "split='nope' is not valid"),
+    ("src.export", "format=keras", "format='keras' is not valid"),
+    ("src.app", "port=http", "Error merging override port=http"),
+])
+def test_bad_input_is_refused_before_torch_is_imported(tmp_path, module, arg, expected):
+    """Every entry point checks its config and the checkpoint's path first: bad input fails in a fraction of a
+    second, without importing torch, Lightning or torchvision (seconds each)."""
+    result = run_reporting_imports(module, arg, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+                                   watched=("torch", "lightning", "torchvision"))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: {expected}") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stdout.splitlines()[-1] == "imported: []", result.stdout
 
 
 def test_the_console_says_warning_before_a_warning_and_nothing_before_a_message():
@@ -67,14 +87,14 @@ atexit.register(lambda: print("at exit:", gc.get_freeze_count(), gc.get_threshol
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command, status", [
+@pytest.mark.parametrize("command, status, objects", [
     (("-m", "src.train", "data.data_dir={data}", "data.batch_size=64", "model.hidden=16", "trainer.max_epochs=1",
-      "hydra.run.dir=run"), 0),
-    (("-m", "src.predict", "idx=oops"), 1),
-    (("-c", "import src.train"), 0),
+      "hydra.run.dir=run"), 0, 100_000),  # torch's objects alone are more
+    (("-m", "src.predict", "idx=oops"), 1, 30_000),  # refused before torch is imported: Hydra's and OmegaConf's
+    (("-c", "import src.train"), 0, 0),
 ])
 def test_a_python_m_process_collects_garbage_less_often_and_not_at_exit_spins_less_and_keeps_what_it_wrote(
-        tiny_data, tmp_path, command, status):
+        tiny_data, tmp_path, command, status, objects):
     """The collector's full walks over torch's, Lightning's and Hydra's objects, while importing and at exit,
     took about 1.3 s of a whole run (bench/speed.py --mode process): `python -m src.X` skips them, at a normal
     end and after an error; and torch's waiting threads spin 1,000 times, not 300,000, before they sleep, which
@@ -91,7 +111,7 @@ def test_a_python_m_process_collects_garbage_less_often_and_not_at_exit_spins_le
     if command[0] == "-c":
         assert (frozen, threshold, spins) == ("0", "700", "unset")  # Python's and libgomp's own settings
         return
-    assert int(frozen) > 100_000 and threshold == "7000"  # every object there was (torch's alone are more) is left be
+    assert int(frozen) > objects and threshold == "7000"  # every object there was is left be
     assert spins == "1000"
     if status == 0:  # what the run wrote and printed is all there
         assert result.stdout.splitlines()[-1].startswith("test_loss: ")
