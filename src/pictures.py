@@ -8,7 +8,6 @@ applied), then fit and centre the digit the way MNIST's digits were made.
 from __future__ import annotations
 
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 import numpy as np
